@@ -1,0 +1,1 @@
+"""Data: the Omniglot TFDS builder, class splits, episode sampling and task families."""
