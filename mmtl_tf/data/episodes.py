@@ -1,0 +1,184 @@
+"""N-way K-shot episodes sampled in tf.data from a class-indexed image cache.
+
+Every episode is a pure function of ``(seed, episode_index)`` through TensorFlow's stateless
+random ops, so a seed fixes the whole stream whatever the parallelism, and no global random state
+is touched. Sampling is vectorised over a block of episodes: one ``map`` call gathers a whole
+meta-batch from the cache.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import numpy as np
+import tensorflow as tf
+
+from mmtl_tf.data.class_images import ClassImages
+
+ROTATIONS = 4  # 0, 90, 180 and 270 degrees: each rotation of a character is a class of its own
+
+
+class Episode(typing.NamedTuple):
+    """One few-shot task, or a batch of them with a leading task axis.
+
+    Shapes for a single N-way K-shot Q-query classification episode:
+      support_x: float32 (N*K, H, W, C); support_y: int32 (N*K,), episode labels 0..N-1.
+      query_x: float32 (N*Q, H, W, C); query_y: int32 (N*Q,).
+      class_ids: int64 (N,), the dataset class behind episode label i (with rotation classes,
+        ``base_id * 4 + quarter_turns``).
+      task_params: float32 (P,), parameters of a procedural task (sinusoid: amplitude, phase);
+        empty for classification.
+    Regression episodes (sinusoid) carry float32 targets of shape (K, 1) in support_y/query_y.
+    """
+
+    support_x: typing.Any
+    support_y: typing.Any
+    query_x: typing.Any
+    query_y: typing.Any
+    class_ids: typing.Any
+    task_params: typing.Any
+
+
+def check_episode_shape(classes: ClassImages, ways: int, shots: int, queries: int,
+                        within_group: bool = False, rotations: bool = False) -> None:
+    """Raises ValueError, naming the value and the fix, when no episode can be drawn."""
+    for name, value, low in (("ways", ways, 2), ("shots", shots, 1), ("queries", queries, 1)):
+        if int(value) < low:
+            raise ValueError(f"{name}={value} is invalid: it must be at least {low}.")
+    available = classes.num_classes * (ROTATIONS if rotations else 1)
+    if ways > available:
+        raise ValueError(
+            f"ways={ways} is larger than the {available} classes available in this split; "
+            f"choose ways <= {available} or a split with more classes.")
+    per_class = shots + queries
+    if classes.num_classes and per_class > int(classes.counts.min()):
+        small = int((classes.counts < per_class).sum())
+        raise ValueError(
+            f"shots + queries = {shots} + {queries} = {per_class} is larger than the images of "
+            f"{small} classes (the smallest has {int(classes.counts.min())}); lower shots or "
+            f"queries so that shots + queries <= {int(classes.counts.min())}.")
+    if within_group:
+        if (classes.groups < 0).any():
+            raise ValueError("within_group sampling needs a group (alphabet) per class, and this "
+                             "dataset has none; set within_group=False.")
+        largest = int(np.bincount(classes.groups).max()) * (ROTATIONS if rotations else 1)
+        if ways > largest:
+            raise ValueError(f"ways={ways} is larger than the largest alphabet ({largest} "
+                             f"classes); lower ways or set within_group=False.")
+
+
+class EpisodeSampler:
+    """Draws blocks of episodes from a ClassImages cache with stateless random ops.
+
+    Args:
+      classes: the class cache of one split.
+      ways, shots, queries: N, K and Q (queries per class).
+      within_group: all N classes of an episode come from one group (Omniglot: one alphabet).
+      rotations: every class also appears rotated by 90, 180 and 270 degrees as 3 new classes.
+    """
+
+    def __init__(self, classes: ClassImages, ways: int, shots: int, queries: int,
+                 within_group: bool = False, rotations: bool = False):
+        check_episode_shape(classes, ways, shots, queries, within_group, rotations)
+        self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
+        self.within_group, self.rotations = bool(within_group), bool(rotations)
+        repeat = ROTATIONS if rotations else 1
+        self._images = tf.constant(classes.images)
+        self._offsets = tf.constant(np.repeat(classes.offsets, repeat))
+        self._counts = tf.constant(np.repeat(classes.counts, repeat))
+        self._class_ids = tf.constant(
+            np.repeat(classes.class_ids, repeat) * repeat + np.tile(np.arange(repeat), classes.num_classes)
+            if rotations else classes.class_ids)
+        groups = np.repeat(classes.groups, repeat)
+        self._groups = tf.constant(groups)
+        if within_group:
+            sizes = np.bincount(groups)
+            self._eligible_groups = tf.constant(np.flatnonzero(sizes >= ways), tf.int64)
+        self._max_count = int(classes.counts.max())
+        self.image_shape = classes.image_shape
+
+    def sample(self, seed, block: int) -> Episode:
+        """``block`` episodes with a leading task axis; ``seed`` is a shape-(2,) int tensor."""
+        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 5)
+        n, k, q = self.ways, self.shots, self.queries
+        classes = self._choose_classes(seeds[0], seeds[1], block)  # (block, N) rows of the table
+        # Distinct images per class: the K+Q smallest of random scores, padding slots excluded.
+        scores = tf.random.stateless_uniform([block, n, self._max_count], seeds[2])
+        counts = tf.gather(self._counts, classes)
+        scores = tf.where(tf.range(self._max_count, dtype=tf.int64)[None, None] < counts[..., None],
+                          scores, 2.0)
+        picks = tf.math.top_k(-scores, k + q).indices  # (block, N, K+Q)
+        index = tf.gather(self._offsets, classes)[..., None] + tf.cast(picks, tf.int64)
+        images = tf.gather(self._images, index)  # (block, N, K+Q, H, W, C)
+        if self.rotations:
+            images = _rotate(images, tf.gather(self._class_ids, classes) % ROTATIONS)
+        labels = tf.broadcast_to(tf.range(n, dtype=tf.int32)[None, :, None], [block, n, k + q])
+        support_x, support_y = _shuffled(images[:, :, :k], labels[:, :, :k], seeds[3])
+        query_x, query_y = _shuffled(images[:, :, k:], labels[:, :, k:], seeds[4])
+        return Episode(support_x, support_y, query_x, query_y,
+                       tf.gather(self._class_ids, classes), tf.zeros([block, 0], tf.float32))
+
+    def _choose_classes(self, group_seed, class_seed, block):
+        num_classes = tf.shape(self._class_ids, out_type=tf.int64)[0]
+        scores = tf.random.stateless_uniform([block, num_classes], class_seed)
+        if self.within_group:
+            pick = tf.random.stateless_uniform(
+                [block], group_seed, 0, tf.shape(self._eligible_groups, out_type=tf.int64)[0],
+                dtype=tf.int64)
+            group = tf.gather(self._eligible_groups, pick)
+            scores = tf.where(self._groups[None] == group[:, None], scores, -1.0)
+        # top_k orders the chosen classes by their random score: label i is a random class.
+        return tf.cast(tf.math.top_k(scores, self.ways).indices, tf.int64)
+
+
+def _rotate(images, quarter_turns):
+    """Rotates images (B, N, S, H, W, C) of class (b, n) counter-clockwise by
+    quarter_turns[b, n] * 90 degrees, as ``np.rot90`` does: one gather of a pixel permutation."""
+    shape = tf.shape(images)
+    height, width = images.shape[3], images.shape[4]
+    if height != width:
+        raise ValueError(f"rotation classes need square images, got {height}x{width}")
+    grid = np.arange(height * width).reshape(height, width)
+    table = tf.constant(np.stack([np.rot90(grid, k).ravel() for k in range(ROTATIONS)]))
+    flat = tf.reshape(images, tf.concat([shape[:3], [height * width], shape[5:]], 0))
+    rotated = tf.gather(flat, tf.gather(table, quarter_turns), axis=3, batch_dims=2)
+    return tf.reshape(rotated, shape)
+
+
+def _shuffled(images, labels, seed):
+    """Flattens (B, N, S, ...) to (B, N*S, ...) and shuffles each episode's rows."""
+    block = tf.shape(images)[0]
+    rows = tf.shape(images)[1] * tf.shape(images)[2]
+    images = tf.reshape(images, tf.concat([[block, rows], tf.shape(images)[3:]], 0))
+    labels = tf.reshape(labels, [block, rows])
+    order = tf.argsort(tf.random.stateless_uniform([block, rows], seed), axis=1)
+    return tf.gather(images, order, batch_dims=1), tf.gather(labels, order, batch_dims=1)
+
+
+def episode_dataset(sampler, seed: int, meta_batch_size: int | None = None,
+                    num_episodes: int | None = None) -> tf.data.Dataset:
+    """A tf.data stream of episodes, a pure function of ``seed``.
+
+    Args:
+      sampler: an EpisodeSampler (or any object with ``sample(seed, block) -> Episode``).
+      seed: fixes the whole stream; two seeds give different streams.
+      meta_batch_size: if set, elements are meta-batches with a leading task axis of this size;
+        otherwise single episodes.
+      num_episodes: stop after this many episodes (rounded up to whole meta-batches); infinite
+        when None.
+    """
+    block = meta_batch_size or 64
+    blocks = None if num_episodes is None else -(-int(num_episodes) // block)
+    ds = tf.data.Dataset.range(blocks) if blocks is not None else tf.data.Dataset.counter()
+
+    def draw(i):
+        return sampler.sample(tf.stack([tf.constant(seed, tf.int64), tf.cast(i, tf.int64)]), block)
+
+    ds = ds.map(draw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if meta_batch_size is None:
+        # unbatch() crashes TF 2.21 on the zero-size task_params of classification episodes;
+        # rebatch to 1 and drop the axis instead.
+        ds = ds.rebatch(1).map(lambda e: tf.nest.map_structure(lambda t: t[0], e))
+        if num_episodes is not None:
+            ds = ds.take(num_episodes)
+    return ds.prefetch(tf.data.AUTOTUNE)

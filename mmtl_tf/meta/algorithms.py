@@ -1,0 +1,84 @@
+"""Meta-learning algorithms as configurations of one engine.
+
+MAML, first-order MAML, Meta-SGD, MAML++, ANIL and Reptile differ only in a few switches of
+the same inner loop and train step; ``MetaConfig`` holds the switches and ``resolve`` fills them
+from the algorithm's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+ALGORITHMS = ("maml", "fomaml", "metasgd", "mamlpp", "anil", "reptile")
+LEARNED_LR = ("none", "per_element", "per_layer_per_step")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+    """Meta-learning switches.
+
+    Attributes:
+      algorithm: one of ALGORITHMS; ``resolve`` sets the switches that define it.
+      inner_steps: SGD steps on the support set during meta-training.
+      eval_inner_steps: steps at evaluation and adaptation time (often more than in training).
+      inner_lr: inner SGD learning rate (the initial value when it is learned).
+      first_order: drop second-order terms of the meta-gradient (FOMAML).
+      learned_inner_lr: "none", "per_element" (Meta-SGD: one rate per parameter element) or
+        "per_layer_per_step" (MAML++: one rate per parameter tensor and inner step).
+      multi_step_loss: MAML++'s query loss after every inner step, weights annealed to the last
+        step over ``multi_step_anneal`` meta-steps.
+      first_order_until: MAML++'s derivative-order annealing: first order for this many
+        meta-steps, then second order.
+      head_init: "learned", "zero" or "proto" (see InnerLoop); "zero"/"proto" are way-agnostic.
+      max_ways: size of the meta-learned head; tasks may have any N in 2..max_ways.
+      transductive: batch-norm statistics of the query batch itself (MAML) or of the support set.
+      adapt_head_only: ANIL, the inner loop updates the head only.
+      reptile: the outer update moves the initialisation toward the adapted weights.
+      weight_decay: lambda of the L2 regulariser R(theta) = sum of squared meta-parameters.
+      track_pre_adaptation: also report query loss/accuracy before adaptation (one extra forward).
+      parallel_iterations: tasks of a meta-batch processed concurrently by ``tf.map_fn``.
+    """
+
+    algorithm: str = "maml"
+    inner_steps: int = 1
+    eval_inner_steps: int = 3
+    inner_lr: float = 0.4
+    first_order: bool = False
+    learned_inner_lr: str = "none"
+    multi_step_loss: bool = False
+    multi_step_anneal: int = 1000
+    first_order_until: int = 0
+    head_init: str = "proto"
+    max_ways: int = 20
+    transductive: bool = True
+    adapt_head_only: bool = False
+    reptile: bool = False
+    weight_decay: float = 0.0
+    track_pre_adaptation: bool = True
+    parallel_iterations: int = 2
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm={self.algorithm!r} is unknown; choose one of {ALGORITHMS}")
+        if self.learned_inner_lr not in LEARNED_LR:
+            raise ValueError(f"learned_inner_lr={self.learned_inner_lr!r}; choose one of {LEARNED_LR}")
+        if self.inner_steps < 1 or self.eval_inner_steps < 1:
+            raise ValueError(f"inner_steps={self.inner_steps} and eval_inner_steps="
+                             f"{self.eval_inner_steps} must be >= 1")
+        if not self.inner_lr > 0:
+            raise ValueError(f"inner_lr={self.inner_lr} must be positive")
+        if self.max_ways < 2:
+            raise ValueError(f"max_ways={self.max_ways} must be at least 2")
+
+
+def resolve(config: MetaConfig) -> MetaConfig:
+    """The config with the switches that define ``config.algorithm`` turned on."""
+    switches = {
+        "maml": {},
+        "fomaml": {"first_order": True},
+        "metasgd": {"learned_inner_lr": "per_element"},
+        "mamlpp": {"learned_inner_lr": "per_layer_per_step", "multi_step_loss": True},
+        "anil": {"adapt_head_only": True},
+        "reptile": {"reptile": True, "first_order": True},
+    }[config.algorithm]
+    return dataclasses.replace(config, **switches)

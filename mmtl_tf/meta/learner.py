@@ -1,0 +1,266 @@
+"""MetaLearner: a keras.Model whose train_step meta-learns an initialisation.
+
+``fit()`` takes a dataset of meta-batches (Episode with a leading task axis). Each task of the
+meta-batch is adapted by the one inner loop (``inner_loop.adapt``); the tasks are processed by
+``tf.map_fn``, so the traced graph holds one copy of the inner loop whatever the meta-batch size.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from mmtl_tf.data.episodes import Episode
+from mmtl_tf.meta import inner_loop as il
+from mmtl_tf.meta.algorithms import MetaConfig, resolve
+
+NONFINITE_MARKER = "mmtl_tf: non-finite meta-loss"
+
+
+class MetaLearner(keras.Model):
+    """Wraps a Keras feature encoder with a ``max_ways`` linear head and meta-learns both.
+
+    Args:
+      encoder: a Keras model (B, ...) -> (B, F); it is called only through ``stateless_call``.
+      config: the MetaConfig (algorithm switches are resolved here).
+      task: "classification" or "regression" (the head then has one output).
+    """
+
+    def __init__(self, encoder: keras.Model, config: MetaConfig = MetaConfig(),
+                 task: str = "classification", **kwargs):
+        super().__init__(**kwargs)
+        if task not in ("classification", "regression"):
+            raise ValueError(f"task={task!r} is not 'classification' or 'regression'")
+        self.encoder = encoder
+        self.config = resolve(config)
+        self.task = task
+        features = int(encoder.output.shape[-1])
+        outputs = self.config.max_ways if task == "classification" else 1
+        self.head_w = self.add_weight((features, outputs), initializer="glorot_uniform", name="head_w")
+        self.head_b = self.add_weight((outputs,), initializer="zeros", name="head_b")
+        head_init = self.config.head_init if task == "classification" else "learned"
+        num_encoder = len(encoder.trainable_variables)
+        mask = (False,) * num_encoder + (True, True) if self.config.adapt_head_only else None
+        self.loop = il.InnerLoop(encoder, task, head_init, self.config.transductive, mask)
+        self.inner_lrs = self._make_inner_lrs()
+        self._trackers = {name: keras.metrics.Mean(name=name) for name in self._metric_names()}
+
+    # ----- parameters -------------------------------------------------------------------
+    @property
+    def meta_params(self):
+        """The initialisation theta: encoder weights, then head_w (F, max_ways), head_b."""
+        return list(self.encoder.trainable_variables) + [self.head_w, self.head_b]
+
+    @property
+    def meta_variables(self):
+        """Everything the outer optimizer updates: theta plus learned inner learning rates."""
+        return self.meta_params + list(self.inner_lrs)
+
+    def _make_inner_lrs(self):
+        kind, lr = self.config.learned_inner_lr, self.config.inner_lr
+        if kind == "none":
+            return []
+        init = keras.initializers.Constant(lr)
+        shape_of = (lambda p: tuple(p.shape)) if kind == "per_element" else (
+            lambda p: (self.config.inner_steps,))
+        return [self.add_weight(shape_of(p), initializer=init, name=f"inner_lr_{i}")
+                for i, p in enumerate(self.meta_params)]
+
+    def learning_rates(self, ways):
+        """``step -> per-parameter rates`` in the task layout (head rates sliced to N)."""
+        kind, lrs = self.config.learned_inner_lr, self.inner_lrs
+        count = len(self.meta_params)
+        if kind == "none":
+            constant = [tf.constant(self.config.inner_lr)] * count
+            return lambda step: constant
+        if kind == "per_element":
+            rates = [tf.convert_to_tensor(v) for v in lrs[:-2]]
+            if self.loop.head_init == "learned" or self.task == "regression":
+                head = [lrs[-2][:, :ways], lrs[-1][:ways]]
+            else:  # a prototype or zero head has no fixed column order: share column 0's rates
+                head = [tf.reduce_mean(lrs[-2], axis=1, keepdims=True), tf.reduce_mean(lrs[-1])]
+            return lambda step: rates + head
+        last = self.config.inner_steps - 1
+        return lambda step: [v[min(step, last)] for v in lrs]
+
+    # ----- one task, many tasks -----------------------------------------------------------
+    def _task_metrics(self, episode, ways, steps, first_order):
+        """Adapts to one task (no task axis). Returns a dict of scalar tensors."""
+        meta_params = [tf.convert_to_tensor(p) for p in self.meta_params]
+        query_all = self.config.multi_step_loss
+        adapted = il.adapt(self.loop, meta_params, episode.support_x, episode.support_y, ways,
+                           steps, self.learning_rates(ways), first_order,
+                           query_x=episode.query_x if query_all else None)
+        outputs = (adapted.query_outputs[-1] if query_all else
+                   il.query_logits(self.loop, adapted.params, episode.support_x, episode.query_x))
+        post_loss = self.loop.loss(outputs, episode.query_y)
+        result = {"loss": post_loss, "support_loss": adapted.support_losses[-1]}
+        if query_all:
+            losses = tf.stack([self.loop.loss(o, episode.query_y) for o in adapted.query_outputs])
+            result["meta_loss"] = tf.reduce_sum(self._multi_step_weights(steps) * losses)
+        else:
+            result["meta_loss"] = post_loss
+        if self.task == "classification":
+            result["accuracy"] = _accuracy(outputs, episode.query_y)
+        if self.config.track_pre_adaptation:
+            start = [tf.stop_gradient(p) for p in self.loop.task_params(
+                meta_params, episode.support_x, episode.support_y, ways)]
+            before = il.query_logits(self.loop, start, episode.support_x, episode.query_x)
+            result["pre_loss"] = self.loop.loss(before, episode.query_y)
+            if self.task == "classification":
+                result["pre_accuracy"] = _accuracy(before, episode.query_y)
+        return result
+
+    def _multi_step_weights(self, steps):
+        """MAML++ multi-step loss weights (steps,): uniform at first, then all on the last step."""
+        if steps == 1:
+            return tf.ones([1])
+        progress = tf.minimum(tf.cast(self.optimizer.iterations, tf.float32)
+                              / float(max(self.config.multi_step_anneal, 1)), 1.0)
+        early = (1.0 - progress) / steps + progress * 0.03 / steps
+        return tf.concat([tf.fill([steps - 1], early), [1.0 - (steps - 1) * early]], 0)
+
+    def _meta_batch(self, episodes, steps, first_order):
+        """Per-task metrics (each (tasks,)) for a meta-batch, tasks mapped by tf.map_fn."""
+        ways = self._ways(episodes)
+        names = self._metric_names() + ["meta_loss"]
+        signature = {n: tf.TensorSpec([], tf.float32) for n in names}
+        return tf.map_fn(lambda e: self._task_metrics(Episode(*e), ways, steps, first_order),
+                         tuple(episodes), fn_output_signature=signature,
+                         parallel_iterations=self.config.parallel_iterations)
+
+    def _ways(self, episodes):
+        if self.task == "regression":
+            return 1
+        ways = episodes.class_ids.shape[-1]
+        if ways is None:
+            raise ValueError("episodes need a static number of ways (class_ids shape[-1])")
+        if not 2 <= ways <= self.config.max_ways:
+            raise ValueError(f"an episode has ways={ways}, outside 2..max_ways="
+                             f"{self.config.max_ways}; raise max_ways or sample fewer ways")
+        return int(ways)
+
+    # ----- Keras hooks ----------------------------------------------------------------------
+    def call(self, inputs, training=False):
+        """Predicts with the meta-initialisation: (B, ...) -> (B, max_ways) logits."""
+        features = self.encoder(inputs, training=training)
+        return tf.matmul(features, self.head_w) + self.head_b
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    def _metric_names(self):
+        names = ["loss", "support_loss"]
+        if self.task == "classification":
+            names.append("accuracy")
+        if self.config.track_pre_adaptation:
+            names += ["pre_loss"] + (["pre_accuracy"] if self.task == "classification" else [])
+        return names
+
+    def _record(self, per_task):
+        for name, tracker in self._trackers.items():
+            tracker.update_state(per_task[name])
+        return {name: tracker.result() for name, tracker in self._trackers.items()}
+
+    def train_step(self, data):
+        if self.config.reptile:
+            return self._reptile_step(data)
+        first_order = self._first_order()
+        variables = self.meta_variables
+        with tf.GradientTape() as tape:
+            per_task = self._meta_batch(data, self.config.inner_steps, first_order)
+            loss = tf.reduce_mean(per_task["meta_loss"]) + self._regularizer()
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            scaled = loss / replicas  # gradients are summed across replicas
+        grads = tape.gradient(scaled, variables)
+        self._apply_if_finite(loss, grads, variables)
+        return self._record(per_task)
+
+    def test_step(self, data):
+        return self._record(self._meta_batch(data, self.config.eval_inner_steps, True))
+
+    def _first_order(self):
+        if self.config.first_order:
+            return True
+        if self.config.first_order_until > 0:
+            return self.optimizer.iterations < self.config.first_order_until
+        return False
+
+    def _regularizer(self):
+        if not self.config.weight_decay:
+            return 0.0
+        return self.config.weight_decay * tf.add_n([tf.reduce_sum(tf.square(p)) for p in self.meta_params])
+
+    def _apply_if_finite(self, loss, grads, variables):
+        """Applies the outer update; a non-finite loss or gradient stops training instead."""
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        finite = tf.logical_and(finite, tf.math.is_finite(loss))
+        check = tf.debugging.Assert(finite, [
+            NONFINITE_MARKER, "at meta-step", self.optimizer.iterations + 1,
+            "(loss", loss, f"); inner_lr={self.config.inner_lr} or the meta learning rate is "
+            "too large for this model: lower them. No update was applied."])
+        with tf.control_dependencies([check]):
+            self.optimizer.apply(grads, variables)
+
+    def _reptile_step(self, data):
+        """theta <- theta + epsilon * (mean adapted phi - theta), epsilon from the optimizer.
+
+        Each task adapts on its support and query examples together. The pseudo-gradient
+        (theta - phi) goes to the compiled optimizer, so plain SGD with learning rate epsilon
+        applies exactly the Reptile formula. Only a learned head has a meta-head to move.
+        """
+        ways = self._ways(data)
+        theta = [tf.convert_to_tensor(p) for p in self.meta_params]
+        lrs = self.learning_rates(ways)
+
+        def delta_one(fields):
+            e = Episode(*fields)
+            x = tf.concat([e.support_x, e.query_x], 0)
+            y = tf.concat([e.support_y, e.query_y], 0)
+            start = self.loop.task_params(theta, x, y, ways)
+            phi = il.adapt(self.loop, theta, x, y, ways, self.config.inner_steps, lrs, True).params
+            return [a - b for a, b in zip(start, phi)]
+
+        signature = [tf.TensorSpec(p.shape, tf.float32) for p in theta[:-2]] + [
+            tf.TensorSpec([theta[-2].shape[0], ways], tf.float32), tf.TensorSpec([ways], tf.float32)]
+        deltas = tf.map_fn(delta_one, tuple(data), fn_output_signature=signature,
+                           parallel_iterations=self.config.parallel_iterations)
+        grads = [tf.reduce_mean(d, 0) for d in deltas]
+        extra = self.config.max_ways - ways if self.task == "classification" else 0
+        if self.loop.head_init == "learned":
+            grads[-2:] = [tf.pad(grads[-2], [[0, 0], [0, extra]]), tf.pad(grads[-1], [[0, extra]])]
+        else:
+            grads[-2:] = [tf.zeros_like(theta[-2]), tf.zeros_like(theta[-1])]
+        grads += [tf.zeros_like(v) for v in self.inner_lrs]
+        per_task = self._meta_batch(data, self.config.inner_steps, True)
+        self._apply_if_finite(tf.reduce_mean(per_task["loss"]), grads, self.meta_variables)
+        return self._record(per_task)
+
+    # ----- adaptation for users -------------------------------------------------------------
+    def adapt(self, support_x, support_y, ways=None, steps=None):
+        """Fast weights for one task: support_x (N*K, ...), support_y (N*K,) labels 0..N-1.
+
+        Returns the task parameters ``[*encoder_params, head_w (F, N), head_b (N,)]``.
+        """
+        support_y = tf.convert_to_tensor(support_y)
+        if ways is None:
+            ways = 1 if self.task == "regression" else int(tf.reduce_max(support_y)) + 1
+        if int(tf.size(support_y)) == 0:
+            raise ValueError("the support set is empty: give at least one example per class")
+        steps = steps or self.config.eval_inner_steps
+        meta_params = [tf.convert_to_tensor(p) for p in self.meta_params]
+        return il.adapt(self.loop, meta_params, tf.convert_to_tensor(support_x), support_y,
+                        ways, steps, self.learning_rates(ways), True).params
+
+    def predict_adapted(self, params, query_x, support_x=None):
+        """Outputs (B, N) at fast weights ``params``; non-transductive mode needs support_x."""
+        if not self.loop.transductive and support_x is None:
+            raise ValueError("non-transductive batch norm needs the support set: pass support_x")
+        return il.query_logits(self.loop, params, support_x, tf.convert_to_tensor(query_x))
+
+
+def _accuracy(logits, labels):
+    predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
+    return tf.reduce_mean(tf.cast(tf.equal(predicted, labels), tf.float32))
+

@@ -1,0 +1,1 @@
+"""Backbones: pure Keras feature encoders."""
