@@ -104,7 +104,7 @@ class InnerLoop:
                 g = tf.stop_gradient(g) if first_order else g
             else:  # a boolean tensor: derivative-order annealing switches it during training
                 g = tf.where(first_order, tf.stop_gradient(g), g)
-            new_params.append(p - lr * g)
+            new_params.append(p - tf.cast(lr, p.dtype) * g)
         return support_loss, new_params
 
 

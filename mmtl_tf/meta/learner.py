@@ -36,8 +36,10 @@ class MetaLearner(keras.Model):
         self.task = task
         features = int(encoder.output.shape[-1])
         outputs = self.config.max_ways if task == "classification" else 1
-        self.head_w = self.add_weight((features, outputs), initializer="glorot_uniform", name="head_w")
-        self.head_b = self.add_weight((outputs,), initializer="zeros", name="head_b")
+        dtype = encoder.dtype_policy.variable_dtype
+        self.head_w = self.add_weight((features, outputs), initializer="glorot_uniform",
+                                      name="head_w", dtype=dtype)
+        self.head_b = self.add_weight((outputs,), initializer="zeros", name="head_b", dtype=dtype)
         head_init = self.config.head_init if task == "classification" else "learned"
         num_encoder = len(encoder.trainable_variables)
         mask = (False,) * num_encoder + (True, True) if self.config.adapt_head_only else None
@@ -63,7 +65,7 @@ class MetaLearner(keras.Model):
         init = keras.initializers.Constant(lr)
         shape_of = (lambda p: tuple(p.shape)) if kind == "per_element" else (
             lambda p: (self.config.inner_steps,))
-        return [self.add_weight(shape_of(p), initializer=init, name=f"inner_lr_{i}")
+        return [self.add_weight(shape_of(p), initializer=init, name=f"inner_lr_{i}", dtype=p.dtype)
                 for i, p in enumerate(self.meta_params)]
 
     def learning_rates(self, ways):
@@ -97,7 +99,8 @@ class MetaLearner(keras.Model):
         result = {"loss": post_loss, "support_loss": adapted.support_losses[-1]}
         if query_all:
             losses = tf.stack([self.loop.loss(o, episode.query_y) for o in adapted.query_outputs])
-            result["meta_loss"] = tf.reduce_sum(self._multi_step_weights(steps) * losses)
+            weights = tf.cast(self._multi_step_weights(steps), losses.dtype)
+            result["meta_loss"] = tf.reduce_sum(weights * losses)
         else:
             result["meta_loss"] = post_loss
         if self.task == "classification":
@@ -109,7 +112,7 @@ class MetaLearner(keras.Model):
             result["pre_loss"] = self.loop.loss(before, episode.query_y)
             if self.task == "classification":
                 result["pre_accuracy"] = _accuracy(before, episode.query_y)
-        return result
+        return {name: tf.cast(value, tf.float32) for name, value in result.items()}
 
     def _multi_step_weights(self, steps):
         """MAML++ multi-step loss weights (steps,): uniform at first, then all on the last step."""
