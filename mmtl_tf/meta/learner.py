@@ -46,6 +46,7 @@ class MetaLearner(keras.Model):
         self.loop = il.InnerLoop(encoder, task, head_init, self.config.transductive, mask)
         self.inner_lrs = self._make_inner_lrs()
         self._trackers = {name: keras.metrics.Mean(name=name) for name in self._metric_names()}
+        self.built = True  # every weight exists now: the encoder is built, the head is created
 
     # ----- parameters -------------------------------------------------------------------
     @property

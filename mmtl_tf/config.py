@@ -1,0 +1,138 @@
+"""Experiment configuration: frozen dataclasses, one per component, composed; and presets.
+
+A resolved config is written as ``config.json`` next to every artifact (run folder, export) and
+read back with ``ExperimentConfig.from_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from mmtl_tf.meta.algorithms import MetaConfig
+
+FAMILIES = ("omniglot", "sinusoid")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where episodes come from.
+
+    Attributes:
+      family: "omniglot" or "sinusoid".
+      protocol: Omniglot class split, "background" (ours) or "vinyals" (published MAML numbers).
+      train_split / eval_split: override the protocol's Omniglot splits with TFDS splits of the
+        background set ("small1", "small2"), for quick runs; None follows the protocol.
+      ways, shots, queries: N, K and Q (queries per class; per task for the sinusoid).
+      image_size: 28 (default) or 105 (original); ink_as_one maps ink to 1.0.
+      within_alphabet: all classes of an episode from one alphabet.
+      rotations: rotation classes; None means the protocol's default (vinyals: on).
+      seed: fixes the training episode stream.
+    """
+
+    family: str = "omniglot"
+    protocol: str = "background"
+    train_split: str | None = None
+    eval_split: str | None = None
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    image_size: int = 28
+    ink_as_one: bool = True
+    within_alphabet: bool = False
+    rotations: bool | None = None
+    seed: int = 0
+    data_dir: str | None = None
+    source_dir: str | None = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r} is unknown; choose one of {FAMILIES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The encoder: conv4 (images) or mlp (sinusoid)."""
+
+    backbone: str = "conv4"
+    filters: int = 64
+    downsample: str = "stride"
+    hidden: tuple[int, ...] = (40, 40)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The outer loop: Adam on the meta-batch mean query loss."""
+
+    steps: int = 2000
+    meta_batch_size: int = 32
+    meta_lr: float = 1e-3
+    log_every: int = 100
+    eval_episodes: int = 200
+    eval_seed: int = 1234
+    jit_compile: bool = False
+    mixed_precision: str | None = None  # None, "mixed_bfloat16" or "mixed_float16"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    meta: MetaConfig = MetaConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExperimentConfig":
+        def build(kind, values):
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = sorted(set(values) - names)
+            if unknown:
+                raise ValueError(f"unknown {kind.__name__} fields {unknown}; known: {sorted(names)}")
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        return cls(name=d["name"], data=build(DataConfig, d.get("data", {})),
+                   model=build(ModelConfig, d.get("model", {})),
+                   meta=build(MetaConfig, d.get("meta", {})), train=build(TrainConfig, d.get("train", {})))
+
+    def replace(self, **sections) -> "ExperimentConfig":
+        """A copy with fields of sections replaced: replace(train={"steps": 10})."""
+        changes = {k: dataclasses.replace(getattr(self, k), **v) for k, v in sections.items()}
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS = {
+    # The MAML paper's Omniglot 5-way 1-shot setting on our protocol (background characters).
+    "omniglot-5w1s": ExperimentConfig(
+        "omniglot-5w1s", meta=MetaConfig(inner_steps=1, eval_inner_steps=3, inner_lr=0.4),
+        train=TrainConfig(steps=2000, meta_batch_size=32)),
+    "omniglot-20w1s": ExperimentConfig(
+        "omniglot-20w1s", data=DataConfig(ways=20, shots=1, queries=5),
+        meta=MetaConfig(inner_steps=5, eval_inner_steps=5, inner_lr=0.1),
+        train=TrainConfig(steps=2000, meta_batch_size=16)),
+    # MAML paper section 5.1: 10-shot sinusoid regression, MLP 40-40, inner lr 0.01.
+    "sinusoid": ExperimentConfig(
+        "sinusoid", data=DataConfig(family="sinusoid", shots=10, queries=10),
+        model=ModelConfig(backbone="mlp"),
+        meta=MetaConfig(inner_steps=1, eval_inner_steps=10, inner_lr=0.01, head_init="learned"),
+        train=TrainConfig(steps=5000, meta_batch_size=25, log_every=500)),
+    # A few seconds of training on small Omniglot subsets: tests and smoke runs only.
+    "tiny": ExperimentConfig(
+        "tiny", data=DataConfig(train_split="small1", eval_split="small2", ways=5, shots=1,
+                                queries=3),
+        model=ModelConfig(filters=8),
+        meta=MetaConfig(inner_steps=1, eval_inner_steps=2, inner_lr=0.4),
+        train=TrainConfig(steps=4, meta_batch_size=4, log_every=2, eval_episodes=8)),
+}
+
+
+def preset(name: str) -> ExperimentConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,162 @@
+"""train(config, workdir): what pipelines/train.py and the tests both call.
+
+A run folder holds ``config.json`` (the resolved configuration), ``checkpoint.weights.h5``
+(the meta-learned weights, written atomically), ``history.json`` (metrics per logging period) and
+``metrics.json`` (the final evaluation with its protocol).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from mmtl_tf.config import ExperimentConfig
+from mmtl_tf.data.episode_files import draw_episodes
+from mmtl_tf.data.episodes import EpisodeSampler, episode_dataset
+from mmtl_tf.data.sinusoid import SinusoidSampler
+from mmtl_tf.evaluation import evaluate_episodes
+from mmtl_tf.meta.learner import NONFINITE_MARKER, MetaLearner
+from mmtl_tf.models.conv4 import conv4_encoder, mlp_encoder
+from mmtl_tf.preprocessing import Preprocessing
+
+CHECKPOINT = "checkpoint.weights.h5"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Meta-training produced a non-finite loss; no checkpoint was written for that step."""
+
+
+def build_learner(config: ExperimentConfig) -> MetaLearner:
+    """The MetaLearner of a config, weights freshly initialised (deterministic per data.seed)."""
+    keras.utils.set_random_seed(config.data.seed)
+    if config.train.mixed_precision:
+        keras.mixed_precision.set_global_policy(config.train.mixed_precision)
+    if config.model.backbone == "conv4":
+        encoder = conv4_encoder(config.data.image_size, 1, config.model.filters, config.model.downsample)
+    elif config.model.backbone == "mlp":
+        encoder = mlp_encoder(1, config.model.hidden)
+    else:
+        raise ValueError(f"backbone={config.model.backbone!r} is not 'conv4' or 'mlp'")
+    task = "regression" if config.data.family == "sinusoid" else "classification"
+    learner = MetaLearner(encoder, config.meta, task=task)
+    keras.mixed_precision.set_global_policy("float32")
+    return learner
+
+
+def samplers(config: ExperimentConfig):
+    """(train sampler, evaluation sampler, protocol sentence) for a config."""
+    d = config.data
+    if d.family == "sinusoid":
+        sampler = SinusoidSampler(d.shots, d.queries)
+        return sampler, sampler, "sinusoid regression, amplitude 0.1-5, phase 0-pi, x in [-5, 5]"
+    from mmtl_tf.data.splits import omniglot_split
+
+    prep = Preprocessing(d.image_size, d.ink_as_one)
+    if d.train_split or d.eval_split:
+        from mmtl_tf.data.omniglot import load_omniglot_classes
+
+        train = load_omniglot_classes(d.train_split or "train", prep, d.data_dir, d.source_dir)
+        evaluation = load_omniglot_classes(d.eval_split or "test", prep, d.data_dir, d.source_dir)
+        rotations = bool(d.rotations)
+        protocol = f"meta-train on Omniglot {d.train_split or 'train'}, evaluate on {d.eval_split or 'test'}"
+    else:
+        train, rotations = omniglot_split(d.protocol, "train", prep, d.data_dir, d.source_dir)
+        evaluation, _ = omniglot_split(d.protocol, "test", prep, d.data_dir, d.source_dir)
+        rotations = rotations if d.rotations is None else d.rotations
+        protocol = {"background": "meta-trained on Omniglot background characters (25 alphabets), "
+                                  "evaluated on the evaluation characters (659, unseen alphabets)",
+                    "vinyals": "Vinyals random split: 1200 characters x 4 rotations for training, "
+                               "423 x 4 for testing (comparison with published MAML only)"}[d.protocol]
+    make = lambda classes: EpisodeSampler(classes, d.ways, d.shots, d.queries, d.within_alphabet, rotations)
+    return make(train), make(evaluation), protocol
+
+
+def train(config: ExperimentConfig, workdir, overwrite: bool = False) -> dict:
+    """Meta-trains with fit() and evaluates on fixed held-out episodes. Returns the metrics."""
+    workdir = Path(workdir)
+    if (workdir / CHECKPOINT).exists() and not overwrite:
+        raise FileExistsError(f"{workdir} already holds a checkpoint; choose another --workdir "
+                              "or pass --force to overwrite it")
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(workdir / "config.json", config.to_dict())
+    t = config.train
+    train_sampler, eval_sampler, protocol = samplers(config)
+    learner = build_learner(config)
+    learner.compile(optimizer=_optimizer(config), jit_compile=t.jit_compile)
+    dataset = episode_dataset(train_sampler, config.data.seed, meta_batch_size=t.meta_batch_size)
+    log_every = max(1, min(t.log_every, t.steps))
+    history = []
+    try:
+        fit = learner.fit(dataset, steps_per_epoch=log_every, epochs=max(1, t.steps // log_every),
+                          verbose=2, callbacks=[_AtomicCheckpoint(workdir / CHECKPOINT), _History(history)])
+    except tf.errors.InvalidArgumentError as err:
+        if NONFINITE_MARKER in str(err):
+            raise NonFiniteLossError(str(err).split(NONFINITE_MARKER)[-1].split("\n")[0].strip(
+                " .[]") + f" -- last good checkpoint kept in {workdir}") from None
+        raise
+    del fit
+    write_json(workdir / "history.json", history)
+    episodes = draw_episodes(eval_sampler, t.eval_seed, t.eval_episodes)
+    metrics = {"protocol": protocol, "ways": config.data.ways, "shots": config.data.shots,
+               "eval_seed": t.eval_seed, **evaluate_episodes(learner, episodes)}
+    write_json(workdir / "metrics.json", metrics)
+    return metrics
+
+
+def load_learner(workdir) -> tuple[MetaLearner, ExperimentConfig]:
+    """Rebuilds the learner of a run folder and loads its checkpoint."""
+    workdir = Path(workdir)
+    if not (workdir / "config.json").is_file() or not (workdir / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"{workdir} is not a training run: it needs config.json and "
+                                f"{CHECKPOINT}; run pipelines/train.py --workdir {workdir} first")
+    config = ExperimentConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+    learner = build_learner(config)
+    try:
+        learner.load_weights(workdir / CHECKPOINT)
+    except ValueError as err:
+        raise ValueError(f"the checkpoint in {workdir} does not match its config.json "
+                         f"architecture: {err}") from err
+    return learner, config
+
+
+def _optimizer(config):
+    if config.meta.reptile:  # Reptile's formula: theta += epsilon * (phi - theta)
+        return keras.optimizers.SGD(config.train.meta_lr)
+    return keras.optimizers.Adam(config.train.meta_lr)
+
+
+def write_json(path: Path, value) -> None:
+    """Writes JSON atomically: a temporary file in the same folder, then a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
+    os.replace(tmp, path)
+
+
+class _AtomicCheckpoint(keras.callbacks.Callback):
+    """Saves weights after every logging period to a temporary file, then renames it."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch, logs=None):
+        tmp = self.path.with_name("checkpoint.tmp.weights.h5")
+        self.model.save_weights(tmp)
+        os.replace(tmp, self.path)
+
+
+class _History(keras.callbacks.Callback):
+    def __init__(self, rows: list):
+        super().__init__()
+        self.rows = rows
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = (epoch + 1) * self.params["steps"]
+        self.rows.append({"step": step, **{k: float(v) for k, v in (logs or {}).items()}})
