@@ -1,0 +1,108 @@
+"""Speed and memory measurements behind pipelines/benchmark.py (JSON out, never timed tests).
+
+Each measurement runs in its own process (see the pipeline) so that peak resident memory and
+thread settings belong to that measurement alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import time
+
+import numpy as np
+
+
+def pin_to_one_core() -> None:
+    """One CPU core and one TensorFlow thread: call before TensorFlow runs anything."""
+    import tensorflow as tf
+
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def episode_throughput(classes, ways: int, shots: int, queries: int, meta_batch_size: int = 32,
+                       seconds: float = 5.0, seed: int = 0) -> dict:
+    """Episodes per second drawn from ``classes`` through the tf.data pipeline."""
+    from mmtl_tf.data.episodes import EpisodeSampler, episode_dataset
+
+    sampler = EpisodeSampler(classes, ways, shots, queries)
+    iterator = iter(episode_dataset(sampler, seed, meta_batch_size=meta_batch_size))
+    for _ in range(3):  # warm-up: tracing and the first prefetches
+        next(iterator)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = next(iterator)
+        count += int(batch.support_x.shape[0])
+    elapsed = time.perf_counter() - start
+    return {"ways": ways, "shots": shots, "queries": queries, "image_size": classes.image_shape[0],
+            "meta_batch_size": meta_batch_size, "episodes_per_second": round(count / elapsed, 1)}
+
+
+def meta_train_throughput(first_order: bool, meta_batch_size: int = 32, ways: int = 5,
+                          shots: int = 1, queries: int = 15, inner_steps: int = 1,
+                          inner_lr: float = 0.4, reps: int = 5, jit_compile: bool = False,
+                          head_init: str = "learned", track_pre_adaptation: bool = False) -> dict:
+    """Meta-train tasks per second of the MAML train step on random 28x28 data (speed only).
+
+    The configuration is the peers': conv4 with stride-2 downsampling, batch statistics, a
+    dense head, Adam outer step. ``trace_seconds`` is the first step including tracing.
+    """
+    import keras
+    import tensorflow as tf
+
+    from mmtl_tf.data.episodes import Episode
+    from mmtl_tf.meta.algorithms import MetaConfig
+    from mmtl_tf.meta.learner import MetaLearner
+    from mmtl_tf.models.conv4 import conv4_encoder
+
+    keras.utils.set_random_seed(0)
+    config = MetaConfig(inner_steps=inner_steps, inner_lr=inner_lr, first_order=first_order,
+                        head_init=head_init, max_ways=max(ways, 2),
+                        track_pre_adaptation=track_pre_adaptation)
+    learner = MetaLearner(conv4_encoder(28), config)
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit_compile)
+    rng = np.random.default_rng(0)
+    labels = lambda per_class: np.tile(np.arange(ways, dtype=np.int32), (meta_batch_size, per_class))
+    batch = Episode(rng.normal(size=(meta_batch_size, ways * shots, 28, 28, 1)).astype(np.float32),
+                    labels(shots),
+                    rng.normal(size=(meta_batch_size, ways * queries, 28, 28, 1)).astype(np.float32),
+                    labels(queries), np.tile(np.arange(ways, dtype=np.int64), (meta_batch_size, 1)),
+                    np.zeros((meta_batch_size, 0), np.float32))
+    batch = Episode(*(tf.constant(f) for f in batch))
+    start = time.perf_counter()
+    learner.train_on_batch(batch)
+    trace = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(reps):
+        learner.train_on_batch(batch)
+    per_step = (time.perf_counter() - start) / reps
+    graph_nodes = _train_graph_size(learner, batch)
+    return {"first_order": first_order, "meta_batch_size": meta_batch_size, "ways": ways,
+            "shots": shots, "queries": queries, "inner_steps": inner_steps,
+            "jit_compile": jit_compile, "trace_seconds": round(trace, 2),
+            "seconds_per_meta_step": round(per_step, 4),
+            "tasks_per_second": round(meta_batch_size / per_step, 2),
+            "train_graph_nodes": graph_nodes, "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def _train_graph_size(learner, batch) -> int:
+    """Nodes of the traced train step (with function bodies): it must not grow with tasks."""
+    import tensorflow as tf
+
+    graph = tf.function(learner.train_step).get_concrete_function(batch).graph.as_graph_def()
+    return len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
+
+
+def run_peer(python: str, script: str, first_order: bool, reps: int = 5) -> dict:
+    """Runs a PyTorch peer script with its own interpreter and returns its JSON line."""
+    env = dict(os.environ, FO=str(int(first_order)), REPS=str(reps))
+    out = subprocess.run([python, script], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,95 @@
+"""Speed and memory of mmtl_tf, printed as JSON.
+
+  python pipelines/benchmark.py --data                 # episodes/s, one core
+  python pipelines/benchmark.py --engine               # meta-train tasks/s, trace s, peak RSS
+  python pipelines/benchmark.py --engine --peers-python ~/peer-venv/bin/python   # + PyTorch peers
+
+Every measurement runs in a fresh process; --out also writes the JSON to a file.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PEERS = Path(__file__).resolve().parents[1].parent / "shared" / "peers"
+
+
+def measure(kind: str, args) -> dict:
+    """One measurement in this process (called in a child process by main)."""
+    from mmtl_tf import benchmarking as b
+
+    if kind.startswith("data"):
+        b.pin_to_one_core()
+        from mmtl_tf.data.omniglot import load_omniglot_classes
+        from mmtl_tf.preprocessing import Preprocessing
+
+        classes = load_omniglot_classes("train", Preprocessing(28), data_dir=args.data_dir)
+        ways, shots, queries = {"data-5w1s": (5, 1, 15), "data-20w5s": (20, 5, 15)}[kind]
+        return {"benchmark": "episodes", "cores": 1, "split": "omniglot background",
+                **b.episode_throughput(classes, ways, shots, queries)}
+    first_order = kind == "engine-fo"
+    result = b.meta_train_throughput(first_order, meta_batch_size=args.meta_batch_size,
+                                     jit_compile=args.jit_compile, reps=args.reps)
+    return {"benchmark": "meta-train", "cores": "all", **result}
+
+
+def child(kind: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--measure", kind, "--meta-batch-size", str(args.meta_batch_size),
+           "--reps", str(args.reps)] + (["--jit-compile"] if args.jit_compile else []) + (
+           ["--data-dir", args.data_dir] if args.data_dir else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", action="store_true", help="episode pipeline throughput")
+    parser.add_argument("--engine", action="store_true", help="meta-training throughput")
+    parser.add_argument("--peers-python", help="a Python with PyTorch to run ../shared/peers")
+    parser.add_argument("--meta-batch-size", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--jit-compile", action="store_true")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(args.measure, args)))
+        return
+    if not (args.data or args.engine):
+        parser.error("choose at least one of --data, --engine")
+    results = []
+    if args.data:
+        results += [child("data-5w1s", args), child("data-20w5s", args)]
+    if args.engine:
+        results += [child("engine-so", args), child("engine-fo", args)]
+        if args.peers_python:
+            results += _peers(args, results)
+    text = json.dumps({"results": results}, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+def _peers(args, ours):
+    from mmtl_tf.benchmarking import run_peer
+
+    rows = []
+    for first_order in (False, True):
+        peers = [run_peer(args.peers_python, str(PEERS / script), first_order, args.reps)
+                 for script in ("maml_torch_loop.py", "maml_torch_vmap.py")]
+        best = max(p["tasks_per_second"] for p in peers)
+        mine = next(r["tasks_per_second"] for r in ours
+                    if r.get("benchmark") == "meta-train" and r["first_order"] == first_order)
+        rows.append({"benchmark": "peers", "first_order": first_order, "peers": peers,
+                     "best_peer_tasks_per_second": best, "mmtl_tf_tasks_per_second": mine,
+                     "ratio_to_best_peer": round(mine / best, 2)})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
