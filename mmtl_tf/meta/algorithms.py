@@ -48,7 +48,7 @@ class MetaConfig:
     multi_step_loss: bool = False
     multi_step_anneal: int = 1000
     first_order_until: int = 0
-    head_init: str = "proto"
+    head_init: str = "zero"
     max_ways: int = 20
     transductive: bool = True
     adapt_head_only: bool = False

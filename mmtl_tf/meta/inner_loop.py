@@ -40,34 +40,49 @@ class InnerLoop:
     transductive: bool = True
     adapt_mask: tuple[bool, ...] | None = None
 
-    def features(self, encoder_params, x, bn_state=None):
+    def features(self, encoder_params, x, bn_state=None, sample_mask=None):
         """Encoder features (B, F) and the batch-norm state the batch produced.
 
         With ``bn_state`` None the batch is normalised by its own statistics (training mode);
-        otherwise by the statistics in ``bn_state`` (inference mode).
+        otherwise by the statistics in ``bn_state`` (inference mode). ``sample_mask`` (B,) marks
+        the real rows of a padded batch (the encoder must accept it, as Conv4 does).
         """
         state = bn_state if bn_state is not None else [v.value for v in self.encoder.non_trainable_variables]
+        kwargs = {} if sample_mask is None else {"sample_mask": sample_mask}
         features, new_state = self.encoder.stateless_call(
-            list(encoder_params), list(state), x, training=bn_state is None)
+            list(encoder_params), list(state), x, training=bn_state is None, **kwargs)
         return features, new_state
 
-    def logits(self, params, x, bn_state=None):
-        """Task outputs (B, N) for inputs x at fast weights ``params``."""
-        features, _ = self.features(params[:-2], x, bn_state)
-        return tf.matmul(features, params[-2]) + params[-1]
+    def logits(self, params, x, bn_state=None, sample_mask=None, class_mask=None):
+        """Task outputs (B, N) for inputs x at fast weights ``params``.
 
-    def loss(self, outputs, targets):
+        ``class_mask`` (N,) switches classes off (their logits become -1e9): an N-wide head
+        then behaves exactly like the head sliced to its active classes.
+        """
+        features, _ = self.features(params[:-2], x, bn_state, sample_mask)
+        outputs = tf.matmul(features, params[-2]) + params[-1]
+        if class_mask is not None:
+            outputs = tf.where(class_mask > 0, outputs, tf.constant(-1e9, outputs.dtype))
+        return outputs
+
+    def loss(self, outputs, targets, sample_mask=None):
         """Mean loss of one task; classification labels are int (B,), regression targets (B, 1).
 
         Cross-entropy is written as -sum(onehot * log_softmax) rather than TensorFlow's fused
-        sparse op, whose backprop output does not convert to ONNX.
+        sparse op, whose backprop output does not convert to ONNX. With ``sample_mask`` (B,)
+        the mean runs over the real rows only.
         """
         if self.task == "regression":
-            return tf.reduce_mean(tf.square(outputs - targets))
-        onehot = tf.one_hot(targets, tf.shape(outputs)[-1], dtype=outputs.dtype)
-        return -tf.reduce_mean(tf.reduce_sum(onehot * tf.nn.log_softmax(outputs), axis=-1))
+            per_example = tf.reduce_mean(tf.square(outputs - targets), axis=-1)
+        else:
+            onehot = tf.one_hot(targets, tf.shape(outputs)[-1], dtype=outputs.dtype)
+            per_example = -tf.reduce_sum(onehot * tf.nn.log_softmax(outputs), axis=-1)
+        if sample_mask is None:
+            return tf.reduce_mean(per_example)
+        weights = tf.cast(sample_mask, per_example.dtype)
+        return tf.reduce_sum(weights * per_example) / tf.reduce_sum(weights)
 
-    def task_params(self, meta_params, support_x, support_y, ways):
+    def task_params(self, meta_params, support_x, support_y, ways, sample_mask=None):
         """The fast weights a task starts from: encoder params and an N-way head (F, N), (N,)."""
         encoder_params, head_w, head_b = list(meta_params[:-2]), meta_params[-2], meta_params[-1]
         if self.head_init == "learned":
@@ -75,14 +90,19 @@ class InnerLoop:
         if self.head_init == "zero":
             return encoder_params + [tf.zeros_like(head_w[:, :ways]), tf.zeros_like(head_b[:ways])]
         if self.head_init == "proto":
-            features, _ = self.features(encoder_params, support_x)
-            prototypes = tf.math.unsorted_segment_mean(features, support_y, ways)  # (N, F)
+            features, _ = self.features(encoder_params, support_x, sample_mask=sample_mask)
+            members = tf.one_hot(support_y, ways, dtype=features.dtype)  # (S, N)
+            if sample_mask is not None:
+                members *= tf.cast(sample_mask, features.dtype)[:, None]
+            counts = tf.maximum(tf.reduce_sum(members, axis=0), 1.0)  # an absent class stays 0
+            prototypes = tf.matmul(members, features, transpose_a=True) / counts[:, None]  # (N, F)
             # Squared-distance classifier as a linear layer: -|f - p|^2 = 2 p.f - |p|^2 - |f|^2.
             return encoder_params + [2.0 * tf.transpose(prototypes),
                                      -tf.reduce_sum(tf.square(prototypes), axis=-1)]
         raise ValueError(f"head_init={self.head_init!r} is not one of 'learned', 'zero', 'proto'")
 
-    def step(self, params, support_x, support_y, learning_rates, first_order: bool):
+    def step(self, params, support_x, support_y, learning_rates, first_order: bool,
+             sample_mask=None, class_mask=None):
         """One SGD step on the support loss. Returns (support loss before the step, new params).
 
         ``learning_rates`` holds one tensor per parameter (a scalar, or the parameter's shape
@@ -91,7 +111,8 @@ class InnerLoop:
         mask = self.adapt_mask or (True,) * len(params)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(params)
-            support_loss = self.loss(self.logits(params, support_x), support_y)
+            outputs = self.logits(params, support_x, sample_mask=sample_mask, class_mask=class_mask)
+            support_loss = self.loss(outputs, support_y, sample_mask)
         adapted = [p for p, m in zip(params, mask) if m]
         grads = iter(tape.gradient(support_loss, adapted, unconnected_gradients="zero"))
         new_params = []
@@ -118,7 +139,8 @@ class Adapted(typing.NamedTuple):
 
 
 def adapt(loop: InnerLoop, meta_params, support_x, support_y, ways, steps: int,
-          learning_rates, first_order=False, query_x=None) -> Adapted:
+          learning_rates, first_order=False, query_x=None, sample_mask=None,
+          class_mask=None) -> Adapted:
     """Adapts to one task with ``steps`` SGD steps on the support set.
 
     Args:
@@ -131,15 +153,19 @@ def adapt(loop: InnerLoop, meta_params, support_x, support_y, ways, steps: int,
         task-parameter layout (head rates already sliced to N).
       first_order: drop second-order terms (tensor or bool; a tensor allows annealing).
       query_x: if given, query outputs are computed after every step (multi-step loss).
+      sample_mask: (S,) marks the real rows of a padded support set; class_mask: (N,) the
+        active classes of a head wider than the task. The exported graphs use both.
     """
-    params = loop.task_params(meta_params, support_x, support_y, ways)
+    params = loop.task_params(meta_params, support_x, support_y, ways, sample_mask)
     support_losses, query_outputs = [], []
     for step in range(steps):
-        loss, params = loop.step(params, support_x, support_y, learning_rates(step), first_order)
+        loss, params = loop.step(params, support_x, support_y, learning_rates(step), first_order,
+                                 sample_mask, class_mask)
         support_losses.append(loss)
         if query_x is not None:
             query_outputs.append(query_logits(loop, params, support_x, query_x))
-    support_losses.append(loop.loss(loop.logits(params, support_x), support_y))
+    final = loop.logits(params, support_x, sample_mask=sample_mask, class_mask=class_mask)
+    support_losses.append(loop.loss(final, support_y, sample_mask))
     return Adapted(params, tf.stack(support_losses), query_outputs)
 
 

@@ -34,7 +34,7 @@ class MetaLearner(keras.Model):
         self.encoder = encoder
         self.config = resolve(config)
         self.task = task
-        features = int(encoder.output.shape[-1])
+        features = feature_dim(encoder)
         outputs = self.config.max_ways if task == "classification" else 1
         dtype = encoder.dtype_policy.variable_dtype
         self.head_w = self.add_weight((features, outputs), initializer="glorot_uniform",
@@ -268,3 +268,10 @@ def _accuracy(logits, labels):
     predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
     return tf.reduce_mean(tf.cast(tf.equal(predicted, labels), tf.float32))
 
+
+
+def feature_dim(encoder) -> int:
+    """F, the width of the encoder's output."""
+    if getattr(encoder, "feature_dim", None):
+        return int(encoder.feature_dim)
+    return int(encoder.output.shape[-1])

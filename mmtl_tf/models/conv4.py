@@ -9,35 +9,78 @@ from __future__ import annotations
 import keras
 
 
-def conv4_encoder(image_size: int = 28, channels: int = 1, filters: int = 64,
-                  downsample: str = "stride", name: str = "conv4") -> keras.Model:
+@keras.saving.register_keras_serializable(package="mmtl_tf")
+class Conv4(keras.Model):
     """The 4-block convolutional encoder of the MAML paper.
 
     Each block is 3x3 conv (``filters``) -> batch norm -> ReLU, downsampling by a stride-2
     convolution (``downsample="stride"``, the MAML Omniglot setting) or a 2x2 max-pool
     (``"maxpool"``, the MiniImageNet setting). Input (B, image_size, image_size, channels) in
-    [0, 1]; output (B, features), features = filters * s * s where s is the final side
+    [0, 1]; output (B, feature_dim), feature_dim = filters * s * s where s is the final side
     (2 for 28x28 with strides).
 
-    Batch norm uses momentum 0: with training=True it normalises by the batch statistics and
-    its moving statistics become exactly that batch's; the meta-learner relies on this for its
-    non-transductive mode (query normalised with the support set's statistics).
+    ``call(x, training, sample_mask)``: sample_mask (B,) marks real rows of a padded batch;
+    batch-norm statistics ignore the others, which is what lets one exported adaptation graph
+    serve every support-set size up to its maximum.
+
+    Batch norm uses momentum 0: with training=True its moving statistics become exactly the
+    batch's; the meta-learner relies on this for its non-transductive mode (queries normalised
+    with the support set's statistics).
     """
-    if downsample not in ("stride", "maxpool"):
-        raise ValueError(f"downsample={downsample!r} is not one of 'stride', 'maxpool'")
-    inputs = keras.Input((image_size, image_size, channels), name="image")
-    h = inputs
-    for block in range(4):
+
+    def __init__(self, image_size: int = 28, channels: int = 1, filters: int = 64,
+                 downsample: str = "stride", **kwargs):
+        super().__init__(**kwargs)
+        if downsample not in ("stride", "maxpool"):
+            raise ValueError(f"downsample={downsample!r} is not one of 'stride', 'maxpool'")
+        self.image_size, self.channels = int(image_size), int(channels)
+        self.filters, self.downsample = int(filters), downsample
         stride = 2 if downsample == "stride" else 1
-        h = keras.layers.Conv2D(filters, 3, strides=stride, padding="same",
-                                name=f"block{block}_conv")(h)
-        h = keras.layers.BatchNormalization(momentum=0.0, epsilon=1e-3,
-                                            name=f"block{block}_bn")(h)
-        h = keras.layers.ReLU(name=f"block{block}_relu")(h)
-        if downsample == "maxpool":
-            h = keras.layers.MaxPooling2D(2, padding="same", name=f"block{block}_pool")(h)
-    features = keras.layers.Flatten(name="features")(h)
-    return keras.Model(inputs, features, name=name)
+        self.convs = [keras.layers.Conv2D(filters, 3, strides=stride, padding="same",
+                                          name=f"block{b}_conv") for b in range(4)]
+        self.norms = [keras.layers.BatchNormalization(momentum=0.0, epsilon=1e-3,
+                                                      name=f"block{b}_bn") for b in range(4)]
+        side = self.image_size
+        for _ in range(4):
+            side = -(-side // 2)
+        self.feature_dim = filters * side * side
+        self.build((None, self.image_size, self.image_size, self.channels))
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        for conv, norm in zip(self.convs, self.norms):
+            conv.build(shape)
+            shape = conv.compute_output_shape(shape)
+            norm.build(shape)
+            if self.downsample == "maxpool":
+                shape = (shape[0], -(-shape[1] // 2), -(-shape[2] // 2), shape[3])
+        self.built = True
+
+    def call(self, x, training=False, sample_mask=None):
+        h = x
+        for conv, norm in zip(self.convs, self.norms):
+            h = conv(h)
+            mask = None
+            if sample_mask is not None:  # (B,) -> (B, H, W), as BatchNormalization expects
+                mask = sample_mask[:, None, None] > 0
+                mask = keras.ops.broadcast_to(mask, keras.ops.shape(h)[:3])
+            h = keras.ops.relu(norm(h, training=training, mask=mask))
+            if self.downsample == "maxpool":
+                h = keras.ops.max_pool(h, 2, 2, padding="same")
+        return keras.ops.reshape(h, (keras.ops.shape(h)[0], self.feature_dim))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.feature_dim)
+
+    def get_config(self):
+        return {**super().get_config(), "image_size": self.image_size, "channels": self.channels,
+                "filters": self.filters, "downsample": self.downsample}
+
+
+def conv4_encoder(image_size: int = 28, channels: int = 1, filters: int = 64,
+                  downsample: str = "stride", name: str = "conv4") -> Conv4:
+    """A built Conv4 encoder (see Conv4)."""
+    return Conv4(image_size, channels, filters, downsample, name=name)
 
 
 def mlp_encoder(input_dim: int = 1, hidden: tuple[int, ...] = (40, 40),

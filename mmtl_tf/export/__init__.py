@@ -1,0 +1,1 @@
+"""Export: TensorFlow functions with explicit parameters, SavedModel, ONNX, the manifest."""

@@ -1,0 +1,138 @@
+"""The exported computations as TensorFlow functions with explicit, named parameters.
+
+Every graph takes the parameters as inputs (in ``param_names`` order) instead of reading
+variables, so one graph serves the meta-initialisation and every personalised state. All of them
+call the one inner loop (``mmtl_tf.meta.inner_loop``): ``adapt_step`` is ``InnerLoop.step`` on a
+support set padded to ``max_support = max_ways * max_shots`` rows with a sample mask, and a head
+``max_ways`` wide with a class mask, so a single static-shape graph serves every N-way K-shot
+task up to the maximum.
+
+Batch norm: in non-transductive mode (the shipped models) a query is normalised with the support
+set's statistics, which ``support_stats`` computes at given parameters; ``predict`` then takes
+them as inputs. In transductive mode ``predict`` normalises a batch with its own statistics and
+takes no statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import tensorflow as tf
+
+from mmtl_tf.meta import inner_loop as il
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSpec:
+    """Static sizes of the exported graphs."""
+
+    image_size: int
+    channels: int
+    max_ways: int
+    max_shots: int
+    transductive: bool
+    learned_inner_lr: str  # "none", "per_element" or "per_layer_per_step"
+
+    @property
+    def max_support(self) -> int:
+        return self.max_ways * self.max_shots
+
+
+def _clean(path: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]+", "_", path).strip("_")
+
+
+def param_names(learner) -> list[str]:
+    """Input names of the parameters: encoder variables by path, then head_w, head_b."""
+    return [_clean(v.path) for v in learner.encoder.trainable_variables] + ["head_w", "head_b"]
+
+
+def bn_names(learner) -> list[str]:
+    """Input names of the batch-norm statistics (the encoder's non-trainable variables)."""
+    return ["bn_" + _clean(v.path) for v in learner.encoder.non_trainable_variables]
+
+
+def lr_names(learner) -> list[str]:
+    return ["lr_" + n for n in param_names(learner)]
+
+
+class Exportable:
+    """The exported functions of one MetaLearner, with static shapes from an ExportSpec."""
+
+    def __init__(self, learner, spec: ExportSpec):
+        if learner.task != "classification":
+            raise ValueError("only classification learners are exported for devices")
+        self.learner, self.spec = learner, spec
+        self.loop = learner.loop
+        self.params = [tf.convert_to_tensor(p) for p in learner.meta_params]
+        self.bn_state = [tf.convert_to_tensor(v) for v in learner.encoder.non_trainable_variables]
+        self.names, self.bn = param_names(learner), bn_names(learner)
+
+    # ----- input signatures -------------------------------------------------------------------
+    def image_spec(self, rows, name):
+        s = self.spec
+        return tf.TensorSpec([rows, s.image_size, s.image_size, s.channels], tf.float32, name)
+
+    def param_specs(self):
+        return [tf.TensorSpec(p.shape, p.dtype, n) for p, n in zip(self.params, self.names)]
+
+    def bn_specs(self):
+        return [tf.TensorSpec(v.shape, v.dtype, n) for v, n in zip(self.bn_state, self.bn)]
+
+    def lr_specs(self):
+        """One learning-rate input per parameter: a scalar, or the parameter's shape (Meta-SGD)."""
+        if self.spec.learned_inner_lr == "per_element":
+            return [tf.TensorSpec(p.shape, tf.float32, "lr_" + n) for p, n in zip(self.params, self.names)]
+        return [tf.TensorSpec([], tf.float32, "lr_" + n) for n in self.names]
+
+    def initial_lrs(self, step: int = 0):
+        """The learning rates the meta-training ended with, for inner step ``step``."""
+        kind, lrs = self.spec.learned_inner_lr, self.learner.inner_lrs
+        if kind == "none":
+            return [tf.constant(self.learner.config.inner_lr, tf.float32)] * len(self.params)
+        if kind == "per_element":
+            return [tf.convert_to_tensor(v) for v in lrs]
+        last = self.learner.config.inner_steps - 1
+        return [tf.convert_to_tensor(v)[min(step, last)] for v in lrs]
+
+    # ----- the computations ---------------------------------------------------------------------
+    def predict(self, images, params, bn_state=None):
+        """Logits (B, max_ways) at ``params``; bn_state None means batch statistics."""
+        return self.loop.logits(list(params), images, bn_state=None if bn_state is None else list(bn_state))
+
+    def support_stats(self, support_x, sample_mask, params):
+        """Batch-norm statistics of the real support rows at ``params``."""
+        _, state = self.loop.features(list(params)[:-2], support_x, sample_mask=sample_mask)
+        return list(state)
+
+    def adapt_step(self, support_x, support_y, sample_mask, class_mask, params, lrs):
+        """One inner SGD step: (support loss before the step, updated params)."""
+        return self.loop.step(list(params), support_x, support_y, list(lrs), True,
+                              sample_mask, class_mask)
+
+    def head_step(self, support_x, support_y, sample_mask, class_mask, params, lrs):
+        """One inner step that updates only head_w, head_b (ANIL-style, for small devices)."""
+        head_only = il.InnerLoop(self.loop.encoder, self.loop.task, self.loop.head_init,
+                                 self.loop.transductive, (False,) * (len(self.params) - 2) + (True, True))
+        loss, new = head_only.step(list(params), support_x, support_y, list(lrs), True,
+                                   sample_mask, class_mask)
+        return loss, new[-2:]
+
+    def init_head(self, support_x, support_y, sample_mask, params):
+        """The head a task starts from (max_ways wide): the meta-learned one, zeros, or
+        prototypes of the support set (by head_init). Returns (head_w, head_b)."""
+        start = self.loop.task_params(list(params), support_x, support_y, self.spec.max_ways, sample_mask)
+        return start[-2:]
+
+    def start_params(self, support_x, support_y, sample_mask):
+        """The task's starting parameters: encoder weights and the initial head."""
+        return self.params[:-2] + list(self.init_head(support_x, support_y, sample_mask, self.params))
+
+    def adapt(self, support_x, support_y, sample_mask, class_mask, steps: int):
+        """``steps`` chained adapt steps from the meta-initialisation, as a device runs them."""
+        params = self.start_params(support_x, support_y, sample_mask)
+        for step in range(steps):
+            _, params = self.adapt_step(support_x, support_y, sample_mask, class_mask, params,
+                                        self.initial_lrs(step))
+        return params
