@@ -100,12 +100,31 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False) -> dict:
                 " .[]") + f" -- last good checkpoint kept in {workdir}") from None
         raise
     del fit
+    calibrate_batch_norm(learner, train_sampler, config.data.seed)
+    _AtomicCheckpoint(workdir / CHECKPOINT).save(learner)
     write_json(workdir / "history.json", history)
     episodes = draw_episodes(eval_sampler, t.eval_seed, t.eval_episodes)
     metrics = {"protocol": protocol, "ways": config.data.ways, "shots": config.data.shots,
                "eval_seed": t.eval_seed, **evaluate_episodes(learner, episodes)}
     write_json(workdir / "metrics.json", metrics)
     return metrics
+
+
+def calibrate_batch_norm(learner, sampler, seed: int, episodes: int = 64) -> None:
+    """Sets the encoder's batch-norm statistics to those of many meta-training images.
+
+    Meta-training normalises every batch by its own statistics and never touches the stored
+    ones; this gives the meta-initialisation sensible inference-mode statistics, used when it
+    predicts without a support set (``learner(images)``, serving_default, meta_init.onnx).
+    """
+    if not learner.encoder.non_trainable_variables or not hasattr(sampler, "ways"):
+        return
+    batch = sampler.sample(tf.constant([seed, -1], tf.int64), episodes)
+    images = tf.reshape(batch.query_x, [-1, *batch.query_x.shape[2:]])
+    _, state = learner.loop.features([tf.convert_to_tensor(p) for p in learner.encoder.trainable_variables],
+                                     images)
+    for variable, value in zip(learner.encoder.non_trainable_variables, state):
+        variable.assign(value)
 
 
 def load_learner(workdir) -> tuple[MetaLearner, ExperimentConfig]:
@@ -147,8 +166,11 @@ class _AtomicCheckpoint(keras.callbacks.Callback):
         self.path = path
 
     def on_epoch_end(self, epoch, logs=None):
+        self.save(self.model)
+
+    def save(self, model):
         tmp = self.path.with_name("checkpoint.tmp.weights.h5")
-        self.model.save_weights(tmp)
+        model.save_weights(tmp)
         os.replace(tmp, self.path)
 
 

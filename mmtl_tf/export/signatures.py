@@ -33,10 +33,12 @@ class ExportSpec:
     max_shots: int
     transductive: bool
     learned_inner_lr: str  # "none", "per_element" or "per_layer_per_step"
+    support_rows: int | None = None  # a smaller support bucket; None: max_ways * max_shots
 
     @property
     def max_support(self) -> int:
-        return self.max_ways * self.max_shots
+        """Rows of the padded support set the adaptation graphs take."""
+        return self.support_rows or self.max_ways * self.max_shots
 
 
 def _clean(path: str) -> str:

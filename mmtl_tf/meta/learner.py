@@ -17,6 +17,7 @@ from mmtl_tf.meta.algorithms import MetaConfig, resolve
 NONFINITE_MARKER = "mmtl_tf: non-finite meta-loss"
 
 
+@keras.saving.register_keras_serializable(package="mmtl_tf")
 class MetaLearner(keras.Model):
     """Wraps a Keras feature encoder with a ``max_ways`` linear head and meta-learns both.
 
@@ -47,6 +48,18 @@ class MetaLearner(keras.Model):
         self.inner_lrs = self._make_inner_lrs()
         self._trackers = {name: keras.metrics.Mean(name=name) for name in self._metric_names()}
         self.built = True  # every weight exists now: the encoder is built, the head is created
+
+    def get_config(self):
+        import dataclasses
+
+        return {"encoder": keras.saving.serialize_keras_object(self.encoder),
+                "config": dataclasses.asdict(self.config), "task": self.task, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        meta = dict(config["config"])
+        return cls(keras.saving.deserialize_keras_object(config["encoder"]), MetaConfig(**meta),
+                   task=config["task"], name=config.get("name"))
 
     # ----- parameters -------------------------------------------------------------------
     @property

@@ -1,0 +1,145 @@
+"""export(workdir, out): one self-describing folder a device can adapt with.
+
+The folder is assembled in a temporary sibling and renamed into place, so a reader never sees a
+half-written export; an existing folder is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from mmtl_tf.preprocessing import Preprocessing
+
+MANIFEST = "manifest.json"
+PARAMS = "params.npz"
+FORMAT_VERSION = 1
+
+
+def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int = 17) -> dict:
+    """Exports the training run in ``workdir`` to the folder ``out``. Returns the manifest."""
+    from mmtl_tf.export import onnx_convert, saved_model
+    from mmtl_tf.export.signatures import ExportSpec, Exportable
+    from mmtl_tf.training import load_learner
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to "
+                              "replace it")
+    learner, config = load_learner(workdir)
+    if max_shots < 1:
+        raise ValueError(f"max_shots={max_shots} must be >= 1")
+    spec = ExportSpec(config.data.image_size, 1, learner.config.max_ways, max_shots,
+                      learner.config.transductive, learner.config.learned_inner_lr)
+    exportable = Exportable(learner, spec)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        graphs = onnx_convert.export_graphs(exportable, opset=opset)
+        for stem, model in sorted(graphs.items()):
+            onnx_convert.write_onnx(model, tmp / f"{stem}.onnx")
+        write_params(tmp / PARAMS, exportable)
+        learner.save(tmp / "model.keras")
+        saved_model.save(exportable, learner.config.eval_inner_steps, tmp / "saved_model")
+        for name in ("config.json", "metrics.json"):
+            if (Path(workdir) / name).is_file():
+                shutil.copyfile(Path(workdir) / name, tmp / name)
+        manifest = build_manifest(tmp, exportable, config, graphs, opset)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def write_params(path: Path, exportable) -> None:
+    """Meta-initialisation, batch-norm statistics and inner learning rates as a deterministic
+    .npz (fixed zip timestamps, sorted names), readable by ``numpy.load``."""
+    arrays = {n: np.asarray(p) for n, p in zip(exportable.names, exportable.params)}
+    arrays.update({n: np.asarray(v) for n, v in zip(exportable.bn, exportable.bn_state)})
+    arrays.update({"lr_" + n: np.asarray(lr, np.float32)
+                   for n, lr in zip(exportable.names, exportable.initial_lrs())})
+    write_npz(path, arrays)
+
+
+def write_npz(path: Path, arrays: dict) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w") as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+    Path(path).write_bytes(buffer.getvalue())
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _graph_io(model) -> dict:
+    import onnx
+
+    def describe(values):
+        rows = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+            rows.append({"name": v.name, "shape": dims,
+                         "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})
+        return rows
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def build_manifest(folder: Path, exportable, config, graphs: dict, opset: int) -> dict:
+    """Everything a device needs to know, and the SHA-256 of every file in the folder."""
+    spec, learner = exportable.spec, exportable.learner
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    metrics_path = folder / "metrics.json"
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": config.name,
+        "task": "classification",
+        "preprocessing": Preprocessing(config.data.image_size, config.data.ink_as_one).to_dict(),
+        "max_ways": spec.max_ways, "max_shots": spec.max_shots, "max_support": spec.max_support,
+        "default_steps": learner.config.eval_inner_steps,
+        "inner_lr": learner.config.inner_lr,
+        "learned_inner_lr": spec.learned_inner_lr,
+        "head_init": learner.loop.head_init,
+        "batch_norm": "transductive (query batch statistics)" if spec.transductive
+                      else "support statistics (non-transductive)",
+        "transductive": spec.transductive,
+        "algorithm": learner.config.algorithm,
+        "onnx_opset": opset,
+        "parameters": exportable.names, "batch_norm_statistics": exportable.bn,
+        "graphs": {stem: {"file": f"{stem}.onnx", **_graph_io(model)} for stem, model in sorted(graphs.items())},
+        "params_file": PARAMS,
+        "meta_init_sha256": sha256(folder / PARAMS),
+        "training_config": config.to_dict(),
+        "metrics": json.loads(metrics_path.read_text()) if metrics_path.is_file() else None,
+        "files": {str(p.relative_to(folder)): sha256(p) for p in files},
+    }
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Moves the finished folder into place; an old one is moved aside first, removed after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
