@@ -31,3 +31,37 @@ def evaluate_episodes(learner, episodes: Episode, steps: int | None = None,
         report[name] = float(values.mean())
         report[name + "_ci95"] = float(1.96 * values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
     return report
+
+
+def evaluate_run(workdir, ways: int | None = None, shots: int | None = None,
+                 queries: int | None = None, episodes: int = 600, seed: int = 2024,
+                 steps: int | None = None) -> dict:
+    """Evaluates a training run on fixed episodes of its protocol's test classes.
+
+    The episodes are drawn once per (ways, shots, queries, seed) and kept in
+    ``<workdir>/episodes/`` so that every later evaluation scores exactly the same tasks.
+    """
+    from pathlib import Path
+
+    from mmtl_tf.data.episode_files import draw_episodes, load_episodes, save_episodes
+    from mmtl_tf.training import load_learner, protocol_of, samplers, write_json
+
+    learner, config = load_learner(workdir)
+    d = config.data
+    ways, shots, queries = ways or d.ways, shots or d.shots, queries or d.queries
+    config = config.replace(data={"ways": ways, "shots": shots, "queries": queries})
+    if config.data.family == "omniglot" and ways > learner.config.max_ways:
+        raise ValueError(f"ways={ways} exceeds the model's max_ways={learner.config.max_ways}")
+    tag = f"{ways}w{shots}s{queries}q_seed{seed}_n{episodes}"
+    path = Path(workdir) / "episodes" / f"test_{tag}.npz"
+    if path.is_file():
+        fixed, _ = load_episodes(path)
+    else:
+        _, eval_sampler, _ = samplers(config)
+        fixed = draw_episodes(eval_sampler, seed, episodes)
+        save_episodes(path, fixed, {"ways": ways, "shots": shots, "queries": queries, "seed": seed})
+    report = {"protocol": protocol_of(config), "ways": ways, "shots": shots,
+              "queries": queries, "seed": seed, **evaluate_episodes(learner, fixed, steps)}
+    write_json(Path(workdir) / f"eval_{tag}.json", report)
+    return report
+

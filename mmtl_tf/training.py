@@ -53,7 +53,7 @@ def samplers(config: ExperimentConfig):
     d = config.data
     if d.family == "sinusoid":
         sampler = SinusoidSampler(d.shots, d.queries)
-        return sampler, sampler, "sinusoid regression, amplitude 0.1-5, phase 0-pi, x in [-5, 5]"
+        return sampler, sampler, protocol_of(config)
     from mmtl_tf.data.splits import omniglot_split
 
     prep = Preprocessing(d.image_size, d.ink_as_one)
@@ -63,17 +63,27 @@ def samplers(config: ExperimentConfig):
         train = load_omniglot_classes(d.train_split or "train", prep, d.data_dir, d.source_dir)
         evaluation = load_omniglot_classes(d.eval_split or "test", prep, d.data_dir, d.source_dir)
         rotations = bool(d.rotations)
-        protocol = f"meta-train on Omniglot {d.train_split or 'train'}, evaluate on {d.eval_split or 'test'}"
     else:
         train, rotations = omniglot_split(d.protocol, "train", prep, d.data_dir, d.source_dir)
         evaluation, _ = omniglot_split(d.protocol, "test", prep, d.data_dir, d.source_dir)
         rotations = rotations if d.rotations is None else d.rotations
-        protocol = {"background": "meta-trained on Omniglot background characters (25 alphabets), "
-                                  "evaluated on the evaluation characters (659, unseen alphabets)",
-                    "vinyals": "Vinyals random split: 1200 characters x 4 rotations for training, "
-                               "423 x 4 for testing (comparison with published MAML only)"}[d.protocol]
     make = lambda classes: EpisodeSampler(classes, d.ways, d.shots, d.queries, d.within_alphabet, rotations)
-    return make(train), make(evaluation), protocol
+    return make(train), make(evaluation), protocol_of(config)
+
+
+def protocol_of(config: ExperimentConfig) -> str:
+    """The sentence stated next to every metric: what was meta-trained on, what was tested on."""
+    d = config.data
+    if d.family == "sinusoid":
+        return "sinusoid regression, amplitude 0.1-5, phase 0-pi, x in [-5, 5]"
+    if d.train_split or d.eval_split:
+        return (f"meta-trained on Omniglot {d.train_split or 'train'} characters, tested on "
+                f"{d.eval_split or 'test'} characters (quick-run splits)")
+    return {"background": "meta-trained on Omniglot background characters (25 alphabets, 5 more "
+                          "held out for validation); tested on the 659 evaluation characters "
+                          "(20 unseen alphabets)",
+            "vinyals": "Vinyals random split: 1200 characters x 4 rotations for meta-training, "
+                       "423 x 4 for testing (only for comparison with published MAML numbers)"}[d.protocol]
 
 
 def train(config: ExperimentConfig, workdir, overwrite: bool = False) -> dict:
