@@ -108,9 +108,12 @@ class ExperimentConfig:
 
 
 PRESETS = {
-    # The MAML paper's Omniglot 5-way 1-shot setting on our protocol (background characters).
+    # The MAML paper's Omniglot 5-way 1-shot setting on our protocol (background characters),
+    # with two product choices: a zero-initialised head (any N up to 20 at adaptation time) and
+    # queries normalised with the support set's statistics, so a device can predict one image.
     "omniglot-5w1s": ExperimentConfig(
-        "omniglot-5w1s", meta=MetaConfig(inner_steps=1, eval_inner_steps=3, inner_lr=0.4),
+        "omniglot-5w1s", meta=MetaConfig(inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
+                                         head_init="zero", transductive=False),
         train=TrainConfig(steps=2000, meta_batch_size=32)),
     "omniglot-20w1s": ExperimentConfig(
         "omniglot-20w1s", data=DataConfig(ways=20, shots=1, queries=5),
