@@ -103,7 +103,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False) -> dict:
     history = []
     try:
         fit = learner.fit(dataset, steps_per_epoch=log_every, epochs=max(1, t.steps // log_every),
-                          verbose=2, callbacks=[_AtomicCheckpoint(workdir / CHECKPOINT), _History(history)])
+                          verbose=2, shuffle=False, callbacks=[_AtomicCheckpoint(workdir / CHECKPOINT), _History(history)])
     except tf.errors.InvalidArgumentError as err:
         if NONFINITE_MARKER in str(err):
             raise NonFiniteLossError(str(err).split(NONFINITE_MARKER)[-1].split("\n")[0].strip(

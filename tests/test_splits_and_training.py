@@ -1,0 +1,99 @@
+"""Class splits on the real Omniglot release, configs, and the training run folder."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mmtl_tf.config import PRESETS, ExperimentConfig, preset
+from mmtl_tf.data import splits
+from mmtl_tf.preprocessing import Preprocessing
+
+PREP = Preprocessing(28)
+
+
+@pytest.fixture(scope="module")
+def background_parts():
+    return {part: splits.omniglot_split("background", part, PREP)[0]
+            for part in ("train", "validation", "test")}
+
+
+def test_background_protocol_never_mixes_train_validation_and_test(background_parts):
+    train, validation, test = (background_parts[p] for p in ("train", "validation", "test"))
+    assert train.num_classes + validation.num_classes == 964 and test.num_classes == 659
+    assert set(train.class_ids).isdisjoint(validation.class_ids)
+    assert set(train.class_ids).isdisjoint(test.class_ids)
+    assert set(validation.class_ids).isdisjoint(test.class_ids)
+    # whole alphabets are held out: validation alphabets are never seen in training
+    assert set(train.groups).isdisjoint(validation.groups)
+    assert len(set(validation.groups)) == splits.VALIDATION_ALPHABETS
+    assert set(train.groups).isdisjoint(test.groups)
+    # background characters are 0..963 (ids - 1), evaluation characters 964..1622
+    assert train.class_ids.max() < 964 and test.class_ids.min() >= 964
+
+
+def test_vinyals_protocol_is_1200_and_423_disjoint_characters_with_rotations():
+    train, rotations = splits.omniglot_split("vinyals", "train", PREP)
+    test, _ = splits.omniglot_split("vinyals", "test", PREP)
+    assert rotations is True
+    assert (train.num_classes, test.num_classes) == (1200, 423)
+    assert set(train.class_ids).isdisjoint(test.class_ids)
+    assert train.class_ids.max() >= 964, "the Vinyals split mixes background and evaluation"
+    again, _ = splits.omniglot_split("vinyals", "train", PREP)
+    np.testing.assert_array_equal(train.class_ids, again.class_ids)
+    with pytest.raises(ValueError, match="no validation part"):
+        splits.omniglot_split("vinyals", "validation", PREP)
+
+
+def test_unknown_protocol_and_part_are_named():
+    with pytest.raises(ValueError, match="protocol='imagenet'"):
+        splits.omniglot_split("imagenet", "train", PREP)
+    with pytest.raises(ValueError, match="part='dev'"):
+        splits.omniglot_split("background", "dev", PREP)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_config_round_trips_through_json(name):
+    config = preset(name)
+    assert ExperimentConfig.from_dict(json.loads(config.to_json())) == config
+
+
+def test_config_errors_name_the_value():
+    with pytest.raises(ValueError, match="preset 'omniglot-99w'"):
+        preset("omniglot-99w")
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['stepz'\]"):
+        ExperimentConfig.from_dict({"name": "x", "train": {"stepz": 3}})
+    with pytest.raises(ValueError, match="family='cifar'"):
+        preset("tiny").replace(data={"family": "cifar"})
+
+
+def test_train_writes_a_complete_run_folder_and_refuses_to_overwrite(tmp_path):
+    from mmtl_tf.training import CHECKPOINT, load_learner, train
+
+    config = preset("tiny")
+    metrics = train(config, tmp_path)
+    for name in ("config.json", CHECKPOINT, "history.json", "metrics.json"):
+        assert (tmp_path / name).is_file()
+    assert "small1" in metrics["protocol"] and 0.0 <= metrics["accuracy"] <= 1.0
+    assert ExperimentConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == config
+    assert not list(tmp_path.glob("*.tmp*")), "no temporary file is left behind"
+    learner, loaded = load_learner(tmp_path)
+    assert loaded == config and all(np.isfinite(v.numpy()).all() for v in learner.weights)
+    with pytest.raises(FileExistsError, match="--force"):
+        train(config, tmp_path)
+
+
+def test_non_finite_loss_stops_training_and_keeps_no_nan_checkpoint(tmp_path):
+    from mmtl_tf.training import CHECKPOINT, NonFiniteLossError, train
+
+    config = preset("tiny").replace(meta={"inner_lr": 1e30}, train={"steps": 2, "log_every": 1})
+    with pytest.raises(NonFiniteLossError, match=r"meta-step.*1.*inner_lr=1e\+30"):
+        train(config, tmp_path)
+    assert not (tmp_path / CHECKPOINT).exists(), "no checkpoint is written from a NaN step"
+
+
+def test_load_learner_names_what_is_missing(tmp_path):
+    from mmtl_tf.training import load_learner
+
+    with pytest.raises(FileNotFoundError, match="pipelines/train.py --workdir"):
+        load_learner(tmp_path)
