@@ -1,0 +1,15 @@
+"""On-device personalisation: numpy, onnxruntime and pillow only (never TensorFlow).
+
+    model = load("exported/omniglot-5w1s")              # verifies every file's SHA-256
+    personal = model.adapt_folder("my_support")         # one subfolder of images per class
+    personal.predict(["query.png"])                     # [(class name, probability)]
+    personal.save("me.personal")                        # atomic; load_personal(folder, path)
+"""
+
+from mmtl_tf.ondevice.images import ImageError
+from mmtl_tf.ondevice.personal import PersonalModel, PersonalStateError, load_personal
+from mmtl_tf.ondevice.runtime import (AdaptationError, AdaptationWarning, ExportError,
+                                      ExportedModel, load)
+
+__all__ = ["load", "load_personal", "ExportedModel", "PersonalModel", "ImageError",
+           "AdaptationError", "AdaptationWarning", "ExportError", "PersonalStateError"]

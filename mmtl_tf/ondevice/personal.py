@@ -1,0 +1,182 @@
+"""A personalised model: predictions, and its state saved atomically as one file.
+
+The state file is a zip archive (stored, not compressed) holding ``personal.json`` (class names,
+the ``meta_init_sha256`` of the export it was adapted from, steps run, status), one ``.npy`` per
+adapted parameter and batch-norm statistic, and ``personalized.onnx``: the export's predict
+graph with those arrays baked in as initializers, runnable by any ONNX runtime with the single
+input ``images`` (B, size, size, 1) and the output ``logits`` (B, max_ways), of which the first
+N columns are the classes in ``class_names`` order (also in the ONNX metadata).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from mmtl_tf.ondevice import images as image_io
+from mmtl_tf.ondevice import onnx_edit
+
+STATE_FORMAT = "mmtl_tf personal state"
+STATE_VERSION = 1
+STATE_JSON, PERSONALIZED_ONNX = "personal.json", "personalized.onnx"
+
+
+class PersonalStateError(ValueError):
+    """A saved personal state is unreadable or belongs to another meta-initialisation."""
+
+
+class PersonalModel:
+    """The parameters adapted to one user's classes.
+
+    Attributes:
+      class_names: the classes, in the order of the probability columns.
+      params: adapted parameters by name; bn_stats: support-set batch-norm statistics by name
+        (None for a transductive model, which normalises each query batch by itself).
+      steps_run: SGD steps whose result is kept; support_losses: the support loss after
+        0, 1, ... steps (the last may be non-finite when adaptation stopped early).
+      status: "ok", or a sentence starting with "stopped:" saying why adaptation stopped early.
+    """
+
+    def __init__(self, export, class_names, params, bn_stats, steps_run, support_losses, status):
+        self.export, self.class_names = export, class_names
+        self.params, self.bn_stats = params, bn_stats
+        self.steps_run, self.support_losses, self.status = steps_run, support_losses, status
+
+    @property
+    def ways(self) -> int:
+        return len(self.class_names)
+
+    def logits(self, images) -> np.ndarray:
+        """float32 (B, N) logits of the N classes for preprocessed images (B, size, size, 1)."""
+        x = np.asarray(images, np.float32)
+        feeds = {"images": x, **self.params, **(self.bn_stats or {})}
+        spec = next(i for i in self.export.session("predict").get_inputs() if i.name == "images")
+        batch = spec.shape[0]
+        if not isinstance(batch, int) or batch == len(x):
+            return self.export.run("predict", ["logits"], feeds)[0][:, :self.ways]
+        if self.export.transductive:
+            raise ValueError(f"this transductive export predicts batches of exactly {batch} images")
+        rows = []  # a fixed batch size: per-image statistics are fixed, so padding is harmless
+        for start in range(0, len(x), batch):
+            chunk = np.zeros((batch, *x.shape[1:]), np.float32)
+            chunk[:len(x[start:start + batch])] = x[start:start + batch]
+            rows.append(self.export.run("predict", ["logits"], {**feeds, "images": chunk})[0])
+        return np.concatenate(rows)[:len(x), :self.ways]
+
+    def predict_proba(self, images) -> np.ndarray:
+        """Class probabilities (B, N), columns in ``class_names`` order. ``images`` as accepted
+        by ``images.to_input`` (paths, PIL images, arrays). A transductive model normalises the
+        batch by its own statistics, so give it the query images together."""
+        logits = self.logits(image_io.to_batch(images, self.export.prep)).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(logits)
+        return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+    def predict(self, images) -> list[tuple]:
+        """(class name, probability) of the most probable class for each image."""
+        probabilities = self.predict_proba(images)
+        best = probabilities.argmax(axis=1)
+        return [(self.class_names[int(b)], float(p[b])) for b, p in zip(best, probabilities)]
+
+    def support_loss(self, x, y) -> float:
+        """Mean cross-entropy of preprocessed support images x (S, ...) with labels y (S,)."""
+        logits = self.logits(x).astype(np.float64)
+        with np.errstate(all="ignore"):  # non-finite logits give a non-finite loss, checked later
+            top = logits.max(axis=1, keepdims=True)
+            log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+            return float(np.mean(log_z - logits[np.arange(len(y)), y]))
+
+    # ----- the saved state --------------------------------------------------------------------
+    def personalized_onnx(self) -> bytes:
+        """The predict graph with the adapted parameters (and statistics) as initializers."""
+        path = self.export.folder / self.export.manifest["graphs"]["predict"]["file"]
+        metadata = {"mmtl_tf.class_names": json.dumps(self.class_names),
+                    "mmtl_tf.meta_init_sha256": self.export.meta_init_sha256,
+                    "mmtl_tf.logits": f"the first {self.ways} of the max_ways logits columns are "
+                                      "class_names in order"}
+        return onnx_edit.bake_initializers(path.read_bytes(), {**self.params, **(self.bn_stats or {})},
+                                           metadata)
+
+    def state(self) -> dict:
+        return {"format": STATE_FORMAT, "format_version": STATE_VERSION,
+                "class_names": self.class_names, "meta_init_sha256": self.export.meta_init_sha256,
+                "model": self.export.manifest.get("name"), "steps_run": self.steps_run,
+                "support_losses": self.support_losses, "status": self.status,
+                "transductive": self.export.transductive}
+
+    def save(self, path) -> Path:
+        """Writes the state to ``path`` atomically: a temporary file in the same folder, synced,
+        then renamed over ``path``. A failure leaves any previous state at ``path`` intact."""
+        def write(f):
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+                archive.writestr(STATE_JSON, json.dumps(self.state(), indent=2, allow_nan=True))
+                for name, array in {**self.params, **(self.bn_stats or {})}.items():
+                    buffer = io.BytesIO()
+                    np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+                    archive.writestr(f"arrays/{name}.npy", buffer.getvalue())
+                archive.writestr(PERSONALIZED_ONNX, self.personalized_onnx())
+
+        return atomic_write(path, write)
+
+    def write_personalized_onnx(self, path) -> Path:
+        """Writes only ``personalized.onnx`` (atomically) for another ONNX runtime."""
+        return atomic_write(path, lambda f: f.write(self.personalized_onnx()))
+
+
+def atomic_write(path, write) -> Path:
+    """Calls ``write(binary file)`` on a temporary file beside ``path``, syncs it, then renames
+    it over ``path``; on any failure the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from the app's other users
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_personal(export_folder, path, threads: int | None = None) -> PersonalModel:
+    """A saved state, checked against the export it must come from."""
+    from mmtl_tf.ondevice.runtime import load
+
+    export, path = load(export_folder, threads), Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if archive.testzip() is not None:
+                raise zipfile.BadZipFile("a member fails its CRC check")
+            state = json.loads(archive.read(STATE_JSON))
+            arrays = {n[len("arrays/"):-len(".npy")]: np.lib.format.read_array(
+                io.BytesIO(archive.read(n)), allow_pickle=False)
+                for n in archive.namelist() if n.startswith("arrays/") and n.endswith(".npy")}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise PersonalStateError(f"{path} is not a readable personal state ({err}); adapt again "
+                                 "and save") from None
+    if state.get("format") != STATE_FORMAT or state.get("format_version") != STATE_VERSION:
+        raise PersonalStateError(f"{path} is not an mmtl_tf personal state of version {STATE_VERSION}")
+    if state["meta_init_sha256"] != export.meta_init_sha256:
+        raise PersonalStateError(
+            f"{path} was adapted from the meta-initialisation {state['meta_init_sha256'][:12]}... "
+            f"but {export_folder} holds {export.meta_init_sha256[:12]}...; a state works only "
+            "with the export it came from: adapt this model again")
+    params = {n: arrays.get(n) for n in export.param_names}
+    bn = None if export.transductive else {n: arrays.get(n) for n in export.bn_names}
+    for name, array in {**params, **(bn or {})}.items():
+        expected = (export.params | export.bn_stats)[name].shape
+        if array is None or array.shape != expected:
+            raise PersonalStateError(f"{path}: parameter {name} is missing or not of shape {expected}")
+    return PersonalModel(export, state["class_names"], params, bn, state["steps_run"],
+                         state["support_losses"], state["status"])

@@ -1,0 +1,284 @@
+"""An exported model on a device: load and verify it, adapt it to a user's support set.
+
+``load(folder)`` checks every file against the manifest's SHA-256, then ``adapt`` runs the
+exported graphs the way ``Exportable.adapt`` (``mmtl_tf/export/signatures.py``) defines them:
+pad the support set to a size bucket, start from the meta-initialisation with the head from
+``init_head``, chain ``adapt_step`` ``steps`` times, and (non-transductive models) compute the
+batch-norm statistics of the support set at the final parameters. The result is a
+``PersonalModel`` (``mmtl_tf.ondevice.personal``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from mmtl_tf.ondevice import images as image_io
+from mmtl_tf.ondevice.personal import PersonalModel
+from mmtl_tf.preprocessing import Preprocessing
+
+MANIFEST = "manifest.json"
+FORMAT_VERSIONS = (1,)
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+
+
+class ExportError(ValueError):
+    """The export folder is missing, incomplete, altered or of an unknown format."""
+
+
+class AdaptationWarning(RuntimeWarning):
+    """Adaptation stopped early (a non-finite support loss); the previous parameters are kept."""
+
+
+class AdaptationError(ValueError):
+    """The support set or the adaptation arguments cannot be used; the message says why."""
+
+
+def load(folder, threads: int | None = None) -> "ExportedModel":
+    """Opens and verifies an export folder. ``threads``: onnxruntime intra-op threads
+    (None: onnxruntime's default; 1 for a single-core measurement)."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise ExportError(f"{folder} is not an exported model: it has no {MANIFEST}; export one "
+                          "with pipelines/export.py")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{manifest_path} is not valid JSON: {err}") from None
+    if manifest.get("format_version") not in FORMAT_VERSIONS:
+        raise ExportError(f"{manifest_path}: format_version {manifest.get('format_version')!r} is "
+                          f"not one this runtime reads ({FORMAT_VERSIONS}); update mmtl_tf")
+    verify_files(folder, manifest)
+    return ExportedModel(folder, manifest, threads)
+
+
+def sha256(path: Path) -> str:
+    # The exporter has the same helper; ondevice imports nothing from the package but
+    # preprocessing, so it keeps its own.
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_files(folder: Path, manifest: dict) -> None:
+    """Every file the manifest lists exists inside ``folder`` with the listed SHA-256."""
+    files = manifest.get("files") or {}
+    root = folder.resolve()
+    for relative, expected in sorted(files.items()):
+        path = (folder / relative).resolve()
+        if root not in path.parents:
+            raise ExportError(f"{folder / MANIFEST} lists {relative!r}, which is outside the folder")
+        if not path.is_file():
+            raise ExportError(f"{folder / relative} is missing; the export is incomplete: "
+                              "copy the whole folder again")
+        if sha256(path) != expected:
+            raise ExportError(f"{folder / relative} does not match its SHA-256 in the manifest "
+                              "(corrupted or modified); copy the export folder again")
+    params_file = manifest.get("params_file", "params.npz")
+    if files.get(params_file) != manifest.get("meta_init_sha256"):
+        raise ExportError(f"{folder / MANIFEST}: meta_init_sha256 is not the hash of {params_file}")
+    for stem in ["init_head", "adapt_step", "predict"] + ([] if manifest["transductive"] else ["support_stats"]):
+        if stem not in manifest.get("graphs", {}):
+            raise ExportError(f"{folder / MANIFEST} has no {stem!r} graph; re-export the model")
+
+
+class ExportedModel:
+    """A verified export folder; ``adapt`` personalises it. Sessions are created on first use."""
+
+    def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
+        self.folder, self.manifest = folder, manifest
+        p = manifest["preprocessing"]
+        self.prep = Preprocessing(p["image_size"], p["ink_as_one"], p.get("channels", 1))
+        self.max_ways, self.max_shots = int(manifest["max_ways"]), int(manifest["max_shots"])
+        self.max_support = int(manifest["max_support"])
+        self.default_steps = int(manifest["default_steps"])
+        self.transductive = bool(manifest["transductive"])
+        self.param_names = list(manifest["parameters"])
+        self.bn_names = list(manifest["batch_norm_statistics"])
+        self.meta_init_sha256 = manifest["meta_init_sha256"]
+        self.params, self.bn_stats, self.lrs = self._read_params(folder / manifest["params_file"])
+        self._options = ort.SessionOptions()
+        if threads is not None:
+            self._options.intra_op_num_threads = int(threads)
+            self._options.inter_op_num_threads = 1
+        self._sessions = {}
+
+    def _read_params(self, path: Path):
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        wanted = self.param_names + self.bn_names + ["lr_" + n for n in self.param_names]
+        missing = [n for n in wanted if n not in arrays]
+        if missing:
+            raise ExportError(f"{path} lacks arrays {missing[:5]}; re-export the model")
+        pick = lambda names: {n: arrays[n].astype(np.float32) for n in names}
+        return (pick(self.param_names), pick(self.bn_names),
+                {n: arrays["lr_" + n].astype(np.float32) for n in self.param_names})
+
+    # ----- graphs ---------------------------------------------------------------------------
+    def graph(self, stem: str, rows: int | None = None) -> str:
+        """The graph for ``stem``: the smallest support bucket ``<stem>_s<R>`` with R >= rows,
+        else the unsuffixed graph (``max_support`` rows)."""
+        buckets = sorted((int(m.group(1)), name) for name in self.manifest["graphs"]
+                         if (m := re.fullmatch(re.escape(stem) + r"_s(\d+)", name)))
+        if rows is not None:
+            for bucket_rows, name in buckets:
+                if rows <= bucket_rows < self.max_support:
+                    return name
+        if stem not in self.manifest["graphs"]:
+            raise ExportError(f"{self.folder / MANIFEST} has no {stem!r} graph")
+        return stem
+
+    def session(self, name: str) -> ort.InferenceSession:
+        if name not in self._sessions:
+            path = self.folder / self.manifest["graphs"][name]["file"]
+            self._sessions[name] = ort.InferenceSession(str(path), self._options,
+                                                        providers=["CPUExecutionProvider"])
+        return self._sessions[name]
+
+    def run(self, name: str, outputs: list[str], feeds: dict) -> list[np.ndarray]:
+        """Runs graph ``name``; inputs are taken by name from ``feeds`` and cast to the graph's
+        dtypes."""
+        session = self.session(name)
+        inputs = {}
+        for spec in session.get_inputs():
+            if spec.name not in feeds:
+                raise ExportError(f"graph {name} needs an input {spec.name!r} this runtime does "
+                                  "not provide; is the export newer than mmtl_tf?")
+            inputs[spec.name] = np.asarray(feeds[spec.name], _ORT_DTYPES.get(spec.type, np.float32))
+        return session.run(outputs, inputs)
+
+    def support_rows(self, name: str) -> int:
+        """Rows of the padded support set graph ``name`` takes."""
+        spec = next(i for i in self.session(name).get_inputs() if i.name == "support_images")
+        return int(spec.shape[0])
+
+    # ----- adaptation ---------------------------------------------------------------------------
+    def adapt(self, images, labels, steps: int | None = None, lr: float | None = None,
+              head_only: bool = False) -> PersonalModel:
+        """Personalises the model to a support set.
+
+        Args:
+          images: the support images: file paths, PIL images, uint8 arrays or preprocessed
+            float32 (size, size, 1) arrays (see ``images.to_input``).
+          labels: one class name per image (str or int, not mixed); classes are sorted, and
+            predictions report these names.
+          steps: SGD steps (None: the manifest's ``default_steps``; 0 keeps the initial head).
+          lr: one inner learning rate for every parameter (None: the exported rates).
+          head_only: adapt only the head (``head_step`` graph): faster, usually less accurate.
+        Returns a PersonalModel; its ``status`` says whether adaptation stopped early.
+        """
+        steps = self.default_steps if steps is None else steps
+        if not isinstance(steps, (int, np.integer)) or steps < 0:
+            raise AdaptationError(f"steps={steps!r} must be an integer >= 0 (the model's default "
+                                  f"is {self.default_steps})")
+        if lr is not None and not (np.isfinite(lr) and lr > 0):
+            raise AdaptationError(f"lr={lr!r} must be a positive finite number (or None for the "
+                                  "exported learning rates)")
+        class_names, y = self._classes(labels, len(images))
+        x = image_io.to_batch(images, self.prep)  # (S, size, size, 1)
+        lrs = self.lrs if lr is None else {n: np.full_like(v, lr) for n, v in self.lrs.items()}
+        params = dict(self.params)
+        name = self.graph("init_head", len(y))
+        outputs = {o.name for o in self.session(name).get_outputs()}
+        heads = ["new_head_w", "new_head_b"] if "new_head_w" in outputs else ["head_w", "head_b"]
+        params["head_w"], params["head_b"] = self.run(
+            name, heads, {**self._support(name, x, y, len(class_names)), **params})
+        return self._adapt_loop(x, y, class_names, params, lrs, steps, head_only)
+
+    def adapt_folder(self, folder, **kwargs) -> PersonalModel:
+        """``adapt`` on ``folder/<class name>/<images>``."""
+        paths, labels = image_io.support_folder(folder)
+        return self.adapt(paths, labels, **kwargs)
+
+    def _classes(self, labels, count: int):
+        labels = list(labels)
+        if len(labels) != count:
+            raise AdaptationError(f"{count} support images but {len(labels)} labels; give one "
+                                  "label per image")
+        kinds = {isinstance(label, str) for label in labels}
+        if len(kinds) > 1 or (kinds == {False} and not all(
+                isinstance(label, (int, np.integer)) for label in labels)):
+            raise AdaptationError("labels must be all class names (str) or all integers")
+        class_names = sorted(set(labels))
+        ways = len(class_names)
+        if ways < 2:
+            raise AdaptationError(f"the support set has {ways} class(es); give at least 2 "
+                                  "classes (one folder per class)")
+        if ways > self.max_ways:
+            raise AdaptationError(f"the support set has {ways} classes but this model takes at "
+                                  f"most max_ways={self.max_ways}; use fewer classes or export a "
+                                  "model with a wider head")
+        index = {name: i for i, name in enumerate(class_names)}
+        y = np.asarray([index[label] for label in labels], np.int32)
+        shots = np.bincount(y, minlength=ways)
+        if shots.max() > self.max_shots:
+            worst = class_names[int(shots.argmax())]
+            raise AdaptationError(f"class {worst!r} has {shots.max()} images but this model takes "
+                                  f"at most max_shots={self.max_shots} per class; remove some or "
+                                  "re-export with a larger --max-shots")
+        return class_names, y
+
+    def _support(self, name: str, x, y, ways: int) -> dict:
+        """The support set padded to graph ``name``'s rows (zero images, label 0, mask 0)."""
+        rows, count = self.support_rows(name), len(y)
+        padded = np.zeros((rows, *x.shape[1:]), np.float32)
+        padded[:count] = x
+        labels = np.zeros(rows, np.int32)
+        labels[:count] = y
+        mask = np.zeros(rows, np.float32)
+        mask[:count] = 1.0
+        class_mask = (np.arange(self.max_ways) < ways).astype(np.float32)
+        return {"support_images": padded, "support_labels": labels, "sample_mask": mask,
+                "class_mask": class_mask}
+
+    def _adapt_loop(self, x, y, class_names, params, lrs, steps, head_only) -> PersonalModel:
+        """Chains the SGD steps; a non-finite loss at step k keeps the parameters of step k-1.
+
+        ``support_losses[k]`` is the support loss after k steps; the last one comes from a
+        forward pass at the final parameters.
+        """
+        stem = "head_step" if head_only else "adapt_step"
+        name = self.graph(stem, len(y))
+        support = self._support(name, x, y, len(class_names))
+        changed = ["head_w", "head_b"] if head_only else self.param_names
+        lr_feeds = {"lr_" + n: v for n, v in lrs.items()}
+        losses, previous = [], None
+        for step in range(steps):
+            loss, *new = self.run(name, ["loss"] + ["new_" + n for n in changed],
+                                  {**support, **params, **lr_feeds})
+            losses.append(float(loss))
+            if not np.isfinite(loss):
+                return self._stopped(x, y, class_names, previous, step, losses)
+            previous, params = params, {**params, **dict(zip(changed, new))}
+        personal = self._personal(x, y, class_names, params, steps, losses)
+        personal.support_losses.append(personal.support_loss(x, y))
+        if not np.isfinite(personal.support_losses[-1]):
+            return self._stopped(x, y, class_names, previous, steps, personal.support_losses)
+        return personal
+
+    def _stopped(self, x, y, class_names, previous, step, losses) -> PersonalModel:
+        if previous is None:
+            raise AdaptationError(f"the support loss is {losses[-1]} even before adaptation; the "
+                                  "export or the support images are broken")
+        status = (f"stopped: the support loss became non-finite ({losses[-1]}) after step "
+                  f"{step}; kept the parameters after step {step - 1}; use a smaller lr or fewer "
+                  "steps")
+        warnings.warn(status, AdaptationWarning, stacklevel=4)
+        return self._personal(x, y, class_names, previous, step - 1, losses, status)
+
+    def _personal(self, x, y, class_names, params, steps_run, losses, status="ok") -> PersonalModel:
+        bn = None
+        if not self.transductive:
+            name = self.graph("support_stats", len(y))
+            support = self._support(name, x, y, len(class_names))
+            bn = dict(zip(self.bn_names, self.run(name, self.bn_names, {**support, **params})))
+        return PersonalModel(self, list(class_names), params, bn, steps_run, list(losses), status)
