@@ -178,7 +178,19 @@ class MetaLearner(keras.Model):
     def _record(self, per_task):
         for name, tracker in self._trackers.items():
             tracker.update_state(per_task[name])
-        return {name: tracker.result() for name, tracker in self._trackers.items()}
+        logs = {name: tracker.result() for name, tracker in self._trackers.items()}
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras averages multi-worker logs with reduce(MEAN, axis=0), which needs an axis.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras builds a distributed model by reducing a data batch across replicas first,
+        which MultiWorkerMirroredStrategy's collectives cannot do for integer episode fields.
+        Every weight already exists here, so only the optimizer needs building."""
+        if not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.meta_variables)
 
     def train_step(self, data):
         if self.config.reptile:
