@@ -86,8 +86,22 @@ def protocol_of(config: ExperimentConfig) -> str:
                        "423 x 4 for testing (only for comparison with published MAML numbers)"}[d.protocol]
 
 
-def train(config: ExperimentConfig, workdir, overwrite: bool = False) -> dict:
-    """Meta-trains with fit() and evaluates on fixed held-out episodes. Returns the metrics."""
+def make_strategy(name: str | None):
+    """None/"default", "mirrored" (all local devices) or "multiworker" (TF_CONFIG's cluster)."""
+    if name in (None, "default"):
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"strategy={name!r} is not one of 'default', 'mirrored', 'multiworker'")
+
+
+def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=None) -> dict:
+    """Meta-trains with fit() and evaluates on fixed held-out episodes. Returns the metrics.
+
+    ``strategy``: a tf.distribute strategy; the meta-batch is split across its replicas.
+    """
     workdir = Path(workdir)
     if (workdir / CHECKPOINT).exists() and not overwrite:
         raise FileExistsError(f"{workdir} already holds a checkpoint; choose another --workdir "
@@ -96,8 +110,9 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False) -> dict:
     write_json(workdir / "config.json", config.to_dict())
     t = config.train
     train_sampler, eval_sampler, protocol = samplers(config)
-    learner = build_learner(config)
-    learner.compile(optimizer=_optimizer(config), jit_compile=t.jit_compile)
+    with (strategy or tf.distribute.get_strategy()).scope():
+        learner = build_learner(config)
+        learner.compile(optimizer=_optimizer(config), jit_compile=t.jit_compile)
     dataset = episode_dataset(train_sampler, config.data.seed, meta_batch_size=t.meta_batch_size)
     log_every = max(1, min(t.log_every, t.steps))
     history = []

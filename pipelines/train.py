@@ -4,7 +4,7 @@ import argparse
 import json
 
 from mmtl_tf.config import PRESETS, preset
-from mmtl_tf.training import train
+from mmtl_tf.training import make_strategy, train
 
 
 def main(argv=None):
@@ -16,6 +16,8 @@ def main(argv=None):
     parser.add_argument("--data-dir", help="TFDS data folder (default: TFDS's)")
     parser.add_argument("--source-dir", help="folder with the Omniglot zips")
     parser.add_argument("--jit-compile", action="store_true", help="XLA-compile the train step")
+    parser.add_argument("--strategy", default="default", choices=["default", "mirrored", "multiworker"],
+                        help="split the meta-batch across devices (multiworker reads TF_CONFIG)")
     parser.add_argument("--force", action="store_true", help="overwrite a run folder's checkpoint")
     args = parser.parse_args(argv)
     config = preset(args.preset)
@@ -29,7 +31,8 @@ def main(argv=None):
     for key in ("data_dir", "source_dir"):
         if getattr(args, key):
             changes["data"][key] = getattr(args, key)
-    metrics = train(config.replace(**changes), args.workdir, overwrite=args.force)
+    metrics = train(config.replace(**changes), args.workdir, overwrite=args.force,
+                    strategy=make_strategy(args.strategy))
     print(json.dumps(metrics, indent=2))
 
 
