@@ -11,6 +11,7 @@ import os
 import resource
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -85,12 +86,15 @@ def meta_train_throughput(first_order: bool, meta_batch_size: int = 32, ways: in
         learner.train_on_batch(batch)
     per_step = (time.perf_counter() - start) / reps
     graph_nodes = _train_graph_size(learner, batch)
+    small = Episode(*(f[:4] for f in batch))
+    graph_nodes_4_tasks = _train_graph_size(learner, small)
     return {"first_order": first_order, "meta_batch_size": meta_batch_size, "ways": ways,
             "shots": shots, "queries": queries, "inner_steps": inner_steps,
             "jit_compile": jit_compile, "trace_seconds": round(trace, 2),
             "seconds_per_meta_step": round(per_step, 4),
             "tasks_per_second": round(meta_batch_size / per_step, 2),
-            "train_graph_nodes": graph_nodes, "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "train_graph_nodes": graph_nodes, "train_graph_nodes_4_tasks": graph_nodes_4_tasks,
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def _train_graph_size(learner, batch) -> int:
@@ -106,3 +110,29 @@ def run_peer(python: str, script: str, first_order: bool, reps: int = 5) -> dict
     env = dict(os.environ, FO=str(int(first_order)), REPS=str(reps))
     out = subprocess.run([python, script], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def tensorflow_adapt_latency(folder, ways: int, shots: int, steps: int, repeats: int = 20,
+                             queries: int = 1) -> dict:
+    """The device's work through TensorFlow: the export's SavedModel ``adapt_and_predict``
+    signature (same steps, unpadded support), median milliseconds on one thread."""
+    import tensorflow as tf
+
+    model = tf.saved_model.load(str(Path(folder) / "saved_model"))
+    run = model.signatures["adapt_and_predict"]
+    size = int(json.loads((Path(folder) / "manifest.json").read_text())["preprocessing"]["image_size"])
+    rng = np.random.default_rng(0)
+    support = tf.constant(rng.random((ways * shots, size, size, 1), dtype=np.float32))
+    labels = tf.constant(np.repeat(np.arange(ways, dtype=np.int32), shots))
+    query = tf.constant(rng.random((queries, size, size, 1), dtype=np.float32))
+    args = dict(support_images=support, support_labels=labels, query_images=query,
+                steps=tf.constant(steps), inner_lr=tf.constant(-1.0))
+    run(**args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(**args)["logits"].numpy()
+        times.append(1e3 * (time.perf_counter() - start))
+    return {"benchmark": "tensorflow-adapt", "ways": ways, "shots": shots, "steps": steps,
+            "queries": queries, "threads": 1, "repeats": repeats,
+            "total_median_ms": round(float(np.median(times)), 3)}

@@ -3,12 +3,14 @@
   python pipelines/benchmark.py --data                 # episodes/s, one core
   python pipelines/benchmark.py --engine               # meta-train tasks/s, trace s, peak RSS
   python pipelines/benchmark.py --engine --peers-python ~/peer-venv/bin/python   # + PyTorch peers
+  python pipelines/benchmark.py --device exported/omniglot-5w1s   # adapt + predict latency
 
 Every measurement runs in a fresh process; --out also writes the JSON to a file.
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,8 @@ def measure(kind: str, args) -> dict:
     """One measurement in this process (called in a child process by main)."""
     from mmtl_tf import benchmarking as b
 
+    if kind.startswith("device") or kind.startswith("tf-adapt"):
+        return _device(kind, args)
     if kind.startswith("data"):
         b.pin_to_one_core()
         from mmtl_tf.data.omniglot import load_omniglot_classes
@@ -35,10 +39,27 @@ def measure(kind: str, args) -> dict:
     return {"benchmark": "meta-train", "cores": "all", **result}
 
 
+def _device(kind, args):
+    """5-way 1-shot and 20-way 5-shot adaptation + prediction latency on one core."""
+    from mmtl_tf import benchmarking as b
+
+    ways, shots = {"5w1s": (5, 1), "20w5s": (20, 5)}[kind.split("-")[-1]]
+    if kind.startswith("device"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+        from mmtl_tf.ondevice.bench import device_latency
+
+        return device_latency(args.device, ways, shots, steps=args.steps)
+    b.pin_to_one_core()
+    steps = args.steps or json.loads((Path(args.device) / "manifest.json").read_text())["default_steps"]
+    return b.tensorflow_adapt_latency(args.device, ways, shots, steps)
+
+
 def child(kind: str, args) -> dict:
     cmd = [sys.executable, __file__, "--measure", kind, "--meta-batch-size", str(args.meta_batch_size),
            "--reps", str(args.reps)] + (["--jit-compile"] if args.jit_compile else []) + (
-           ["--data-dir", args.data_dir] if args.data_dir else [])
+           ["--data-dir", args.data_dir] if args.data_dir else []) + (
+           ["--device", args.device] if args.device else []) + (
+           ["--steps", str(args.steps)] if args.steps else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
@@ -49,6 +70,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", action="store_true", help="episode pipeline throughput")
     parser.add_argument("--engine", action="store_true", help="meta-training throughput")
+    parser.add_argument("--device", help="an export folder: on-device adapt + predict latency, "
+                        "one core, onnxruntime and TensorFlow")
+    parser.add_argument("--steps", type=int, help="adaptation steps for --device (default: manifest)")
     parser.add_argument("--peers-python", help="a Python with PyTorch to run ../shared/peers")
     parser.add_argument("--meta-batch-size", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
@@ -60,11 +84,14 @@ def main(argv=None):
     if args.measure:
         print(json.dumps(measure(args.measure, args)))
         return
-    if not (args.data or args.engine):
-        parser.error("choose at least one of --data, --engine")
+    if not (args.data or args.engine or args.device):
+        parser.error("choose at least one of --data, --engine, --device")
     results = []
     if args.data:
         results += [child("data-5w1s", args), child("data-20w5s", args)]
+    if args.device:
+        results += [child(f"{kind}-{size}", args) for size in ("5w1s", "20w5s")
+                    for kind in ("device", "tf-adapt")]
     if args.engine:
         results += [child("engine-so", args), child("engine-fo", args)]
         if args.peers_python:
