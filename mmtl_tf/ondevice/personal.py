@@ -107,7 +107,7 @@ class PersonalModel:
         return {"format": STATE_FORMAT, "format_version": STATE_VERSION,
                 "class_names": self.class_names, "meta_init_sha256": self.export.meta_init_sha256,
                 "model": self.export.manifest.get("name"), "steps_run": self.steps_run,
-                "support_losses": self.support_losses, "status": self.status,
+                "support_losses": finite_or_none(self.support_losses), "status": self.status,
                 "transductive": self.export.transductive}
 
     def save(self, path) -> Path:
@@ -115,7 +115,7 @@ class PersonalModel:
         then renamed over ``path``. A failure leaves any previous state at ``path`` intact."""
         def write(f):
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
-                archive.writestr(STATE_JSON, json.dumps(self.state(), indent=2, allow_nan=True))
+                archive.writestr(STATE_JSON, json.dumps(self.state(), indent=2, allow_nan=False))
                 for name, array in {**self.params, **(self.bn_stats or {})}.items():
                     buffer = io.BytesIO()
                     np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
@@ -127,6 +127,11 @@ class PersonalModel:
     def write_personalized_onnx(self, path) -> Path:
         """Writes only ``personalized.onnx`` (atomically) for another ONNX runtime."""
         return atomic_write(path, lambda f: f.write(self.personalized_onnx()))
+
+
+def finite_or_none(values) -> list:
+    """Floats for JSON: a non-finite loss becomes null (JSON has no NaN or Infinity)."""
+    return [float(v) if v is not None and np.isfinite(v) else None for v in values]
 
 
 def atomic_write(path, write) -> Path:

@@ -6,6 +6,7 @@ import collections
 from pathlib import Path
 
 from mmtl_tf.ondevice import images as image_io
+from mmtl_tf.ondevice.personal import finite_or_none
 from mmtl_tf.ondevice.runtime import load
 
 
@@ -16,7 +17,8 @@ def personalize(model_folder, support_folder, queries, steps: int | None = None,
 
     Returns a JSON-ready dict: ``predictions`` (query name -> class name), ``probabilities``
     (query name -> probability of that class), ``class_probabilities``, ``classes``, ``shots``,
-    ``steps`` (steps whose result is kept), ``status`` ("ok" or "stopped: ...") and
+    ``steps`` (steps whose result is kept), ``support_losses`` (after 0, 1, ... steps; null
+    when not finite), ``status`` ("ok" or "stopped: ...") and
     ``saved`` (the state file, when ``save`` is given). Query names are file names, or the
     paths when two queries share a file name.
     """
@@ -32,7 +34,7 @@ def personalize(model_folder, support_folder, queries, steps: int | None = None,
         "model": str(model_folder), "classes": personal.class_names,
         "shots": dict(collections.Counter(labels)),
         "steps": personal.steps_run, "status": personal.status,
-        "support_losses": personal.support_losses,
+        "support_losses": finite_or_none(personal.support_losses),
         "predictions": {k: personal.class_names[int(b)] for k, b in zip(keys, best)},
         "probabilities": {k: float(p[b]) for k, p, b in zip(keys, probabilities, best)},
         "class_probabilities": {k: dict(zip(personal.class_names, map(float, p)))

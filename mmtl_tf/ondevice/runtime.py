@@ -183,6 +183,7 @@ class ExportedModel:
         if lr is not None and not (np.isfinite(lr) and lr > 0):
             raise AdaptationError(f"lr={lr!r} must be a positive finite number (or None for the "
                                   "exported learning rates)")
+        images = list(images)
         class_names, y = self._classes(labels, len(images))
         x = image_io.to_batch(images, self.prep)  # (S, size, size, 1)
         lrs = self.lrs if lr is None else {n: np.full_like(v, lr) for n, v in self.lrs.items()}
