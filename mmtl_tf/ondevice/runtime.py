@@ -55,8 +55,11 @@ def load(folder, threads: int | None = None) -> "ExportedModel":
     if manifest.get("format_version") not in FORMAT_VERSIONS:
         raise ExportError(f"{manifest_path}: format_version {manifest.get('format_version')!r} is "
                           f"not one this runtime reads ({FORMAT_VERSIONS}); update mmtl_tf")
-    verify_files(folder, manifest)
-    return ExportedModel(folder, manifest, threads)
+    try:
+        verify_files(folder, manifest)
+        return ExportedModel(folder, manifest, threads)
+    except KeyError as err:
+        raise ExportError(f"{manifest_path} lacks the key {err}; re-export the model") from None
 
 
 def sha256(path: Path) -> str:
