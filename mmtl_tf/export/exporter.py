@@ -23,12 +23,13 @@ PARAMS = "params.npz"
 FORMAT_VERSION = 1
 
 
-def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int = 17) -> dict:
+def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | None = None) -> dict:
     """Exports the training run in ``workdir`` to the folder ``out``. Returns the manifest."""
     from mmtl_tf.export import onnx_convert, saved_model
     from mmtl_tf.export.signatures import ExportSpec, Exportable
     from mmtl_tf.training import load_learner
 
+    opset = opset or onnx_convert.OPSET
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to "
@@ -43,6 +44,7 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int = 1
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         graphs = onnx_convert.export_graphs(exportable, opset=opset)
+        graphs.update(_bucket_graphs(learner, spec, opset))
         for stem, model in sorted(graphs.items()):
             onnx_convert.write_onnx(model, tmp / f"{stem}.onnx")
         write_params(tmp / PARAMS, exportable)
@@ -53,11 +55,35 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int = 1
                 shutil.copyfile(Path(workdir) / name, tmp / name)
         manifest = build_manifest(tmp, exportable, config, graphs, opset)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shipped
         _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+SUPPORT_BUCKETS = (5, 25)  # support rows of the smaller adaptation graphs (5-way 1-shot, 5x5)
+BUCKET_GRAPHS = ("adapt_step", "head_step", "init_head", "support_stats")
+
+
+def _bucket_graphs(learner, spec, opset) -> dict:
+    """Adaptation graphs for smaller padded support sets, named ``<stem>_s<rows>``: a padded
+    graph pays for every row, so a 5-way 1-shot task on a device should not pay for 100."""
+    import dataclasses
+
+    from mmtl_tf.export import onnx_convert
+    from mmtl_tf.export.signatures import Exportable
+
+    graphs = {}
+    for rows in SUPPORT_BUCKETS:
+        if rows >= spec.max_support:
+            continue
+        bucket = Exportable(learner, dataclasses.replace(spec, support_rows=rows))
+        wanted = [g for g in BUCKET_GRAPHS if g in onnx_convert.graph_names(bucket)]
+        for stem, model in onnx_convert.export_graphs(bucket, wanted, opset).items():
+            graphs[f"{stem}_s{rows}"] = model
+    return graphs
 
 
 def write_params(path: Path, exportable) -> None:

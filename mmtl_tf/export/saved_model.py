@@ -18,6 +18,8 @@ class AdaptationModule(tf.Module):
     def __init__(self, exportable: Exportable, default_steps: int):
         super().__init__()
         self._ex = exportable
+        # Tracked so that the variables the inner loop reads (batch-norm state) are saved.
+        self.encoder = exportable.learner.encoder
         self.default_steps = default_steps
         self.params = [tf.Variable(p, trainable=False, name=n)
                        for p, n in zip(exportable.params, exportable.names)]
