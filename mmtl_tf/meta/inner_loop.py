@@ -47,6 +47,7 @@ class InnerLoop:
         otherwise by the statistics in ``bn_state`` (inference mode). ``sample_mask`` (B,) marks
         the real rows of a padded batch (the encoder must accept it, as Conv4 does).
         """
+        check_input_shape(self.encoder, x)
         state = bn_state if bn_state is not None else [v.value for v in self.encoder.non_trainable_variables]
         kwargs = {} if sample_mask is None else {"sample_mask": sample_mask}
         features, new_state = self.encoder.stateless_call(
@@ -167,6 +168,26 @@ def adapt(loop: InnerLoop, meta_params, support_x, support_y, ways, steps: int,
     final = loop.logits(params, support_x, sample_mask=sample_mask, class_mask=class_mask)
     support_losses.append(loop.loss(final, support_y, sample_mask))
     return Adapted(params, tf.stack(support_losses), query_outputs)
+
+
+def check_input_shape(encoder, x) -> None:
+    """Raises ValueError when inputs (B, ...) do not have the shape the encoder was built for.
+
+    ``stateless_call`` skips Keras' input checks, so a wrong image size would otherwise fail
+    deep inside the encoder or, when the feature size happens to agree, not fail at all.
+    """
+    expected = (encoder.get_build_config() or {}).get("input_shape")
+    if expected is None and getattr(encoder, "inputs", None):  # a functional model
+        expected = encoder.inputs[0].shape
+    if expected is None:
+        return
+    expected, got = tuple(expected[1:]), tuple(x.shape[1:])
+    if len(got) != len(expected) or any(
+            e is not None and g is not None and e != g for e, g in zip(expected, got)):
+        raise ValueError(
+            f"inputs of shape {tuple(x.shape)} do not fit the encoder {encoder.name!r}, built for "
+            f"(batch, {', '.join(map(str, expected))}): give examples of that shape (check the "
+            "preprocessing's image size) or build the encoder for these inputs")
 
 
 def query_logits(loop: InnerLoop, params, support_x, query_x):

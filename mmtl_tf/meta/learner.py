@@ -222,7 +222,12 @@ class MetaLearner(keras.Model):
         return self.config.weight_decay * tf.add_n([tf.reduce_sum(tf.square(p)) for p in self.meta_params])
 
     def _apply_if_finite(self, loss, grads, variables):
-        """Applies the outer update; a non-finite loss or gradient stops training instead."""
+        """Applies the outer update; a non-finite loss or gradient stops training instead.
+
+        XLA (``jit_compile=True``) drops assertions: there the non-finite step's gradients are
+        zeroed instead, so no NaN reaches the weights (a stateful optimizer may still move them
+        by its momentum) and training goes on with a NaN loss in the logs.
+        """
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
         finite = tf.logical_and(finite, tf.math.is_finite(loss))
         check = tf.debugging.Assert(finite, [
@@ -230,6 +235,7 @@ class MetaLearner(keras.Model):
             "(loss", loss, f"); inner_lr={self.config.inner_lr} or the meta learning rate is "
             "too large for this model: lower them. No update was applied."])
         with tf.control_dependencies([check]):
+            grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
             self.optimizer.apply(grads, variables)
 
     def _reptile_step(self, data):
