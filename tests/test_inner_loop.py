@@ -85,13 +85,10 @@ def _tape_gradient(fn, meta_params):
 SECOND_ORDER_CASES = [
     ("mlp", "learned", True, False),
     ("mlp", "proto", True, False),
-    # An all-ones sample mask sends Keras batch norm through its masked moments, whose
-    # variance keeps the gradient through the mean: exact second derivatives.
+    # A padded support set (explicit sample mask) and a plain one: Conv4 sends both through
+    # Keras' masked moments, whose variance keeps the gradient through the mean.
     ("conv4", "proto", False, True),
-    pytest.param("conv4", "learned", True, False, marks=pytest.mark.xfail(strict=True, reason=(
-        "Keras' unmasked batch-norm moments are tf.nn.moments, whose variance stops the "
-        "gradient through the mean: right first derivatives, wrong second derivatives, so "
-        "Conv4's second-order meta-gradient is inexact unless batch norm gets a mask"))),
+    ("conv4", "learned", True, False),
 ]
 
 

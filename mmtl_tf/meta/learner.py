@@ -206,6 +206,11 @@ class MetaLearner(keras.Model):
         self._apply_if_finite(loss, grads, variables)
         return self._record(per_task)
 
+    def make_test_function(self, force=False):
+        """Always a fresh function: ways are static in the traced graph, and Keras relaxes
+        the shapes of a retraced function, so evaluating at another N needs a new trace."""
+        return super().make_test_function(force=True)
+
     def test_step(self, data):
         return self._record(self._meta_batch(data, self.config.eval_inner_steps, True))
 

@@ -57,6 +57,11 @@ class Conv4(keras.Model):
         self.built = True
 
     def call(self, x, training=False, sample_mask=None):
+        if training and sample_mask is None:
+            # Keras' unmasked moments (tf.nn.moments) stop the gradient through the mean inside
+            # the variance: first derivatives stay right, second derivatives (MAML's meta-
+            # gradient) do not. Its masked moments are exact, so mask every row.
+            sample_mask = keras.ops.ones(keras.ops.shape(x)[:1], x.dtype)
         h = x
         for conv, norm in zip(self.convs, self.norms):
             h = conv(h)
