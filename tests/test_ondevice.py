@@ -1,0 +1,458 @@
+"""The on-device runtime: works without TensorFlow, sees the training pipeline's arrays, adapts
+like TensorFlow's inner loop, learns unseen Omniglot characters, refuses bad inputs by name and
+saves its state atomically."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from mmtl_tf import ondevice
+from mmtl_tf.data import sources
+from mmtl_tf.ondevice import bench, onnx_edit, personal as personal_module
+from mmtl_tf.ondevice import images as image_io
+from mmtl_tf.preprocessing import MAX_IMAGE_PIXELS, Preprocessing
+
+REPO = Path(__file__).resolve().parents[1]
+EVALUATION_ZIP = sources.shared_data_dir() / "images_evaluation.zip"
+pytestmark = pytest.mark.skipif(not EVALUATION_ZIP.is_file(), reason=f"{EVALUATION_ZIP} is not present")
+BLOCKED = ("tensorflow", "keras", "tf2onnx", "onnx", "tensorflow_datasets")
+
+
+@pytest.fixture(scope="module")
+def characters():
+    """Evaluation-split character folder -> its PNG members (drawers 1..20), read from the zip."""
+    with zipfile.ZipFile(EVALUATION_ZIP) as archive:
+        names = sorted(n for n in archive.namelist() if n.endswith(".png"))
+    grouped = collections.defaultdict(list)
+    for name in names:
+        grouped[name.rsplit("/", 1)[0]].append(name)
+    return dict(grouped)
+
+
+def write_task(characters, root: Path, ways: int, shots, queries: int, seed: int):
+    """Writes root/support/<class>/*.png (shots: an int or one count per class) and
+    root/query/*.png from ``ways`` random evaluation characters. Returns {query name: class}."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(sorted(characters), ways, replace=False)
+    shots = [shots] * ways if isinstance(shots, int) else list(shots)
+    truth = {}
+    with zipfile.ZipFile(EVALUATION_ZIP) as archive:
+        for name, k in zip(chosen, shots):
+            label = name.split("/", 1)[1].replace("/", "-")
+            members = rng.permutation(characters[name])
+            (root / "support" / label).mkdir(parents=True)
+            (root / "query").mkdir(exist_ok=True)
+            for member in members[:k]:
+                (root / "support" / label / Path(member).name).write_bytes(archive.read(member))
+            for member in members[k:k + queries]:
+                query = f"{label}__{Path(member).name}"
+                (root / "query" / query).write_bytes(archive.read(member))
+                truth[query] = label
+    return truth
+
+
+@pytest.fixture(scope="module")
+def model(trained_export):
+    return ondevice.load(trained_export.folder)
+
+
+@pytest.fixture(scope="module")
+def task(characters, tmp_path_factory):
+    """One 5-way 1-shot task with 3 queries per class, as folders."""
+    root = tmp_path_factory.mktemp("task")
+    return root, write_task(characters, root, 5, 1, 3, seed=11)
+
+
+# ----- no TensorFlow on the device ------------------------------------------------------------
+def test_runtime_and_cli_work_when_tensorflow_cannot_be_imported(trained_export, task, tmp_path):
+    root, truth = task
+    script = textwrap.dedent(f"""
+        import importlib.abc, json, runpy, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {BLOCKED!r}:
+                    raise ImportError(name + " is not on this device")
+        sys.meta_path.insert(0, Block())
+        import mmtl_tf
+        assert not [m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}]
+        import mmtl_tf.ondevice
+        sys.argv = ["adapt_on_device.py", "--model", {str(trained_export.folder)!r},
+                    "--support", {str(root / "support")!r}, "--query", {str(root / "query")!r},
+                    "--json", "--save", {str(tmp_path / "me.personal")!r}]
+        runpy.run_path({str(REPO / "pipelines" / "adapt_on_device.py")!r}, run_name="__main__")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert set(result["predictions"]) == set(truth)
+    assert set(result["predictions"].values()) <= set(truth.values())
+    assert result["status"] == "ok" and (tmp_path / "me.personal").is_file()
+    # Unblocked too: nothing imports TensorFlow "if available" behind a try/except.
+    probe = ("import sys, mmtl_tf, mmtl_tf.ondevice.bench, mmtl_tf.ondevice.personalize; "
+             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+# ----- the same arrays as training ------------------------------------------------------------
+def test_device_loading_gives_the_training_cache_arrays_for_the_same_pngs(characters, tmp_path):
+    from mmtl_tf.data.omniglot import load_omniglot_classes
+
+    prep = Preprocessing(28)
+    cache = load_omniglot_classes("test", prep)
+    position = {int(c): i for i, c in enumerate(cache.class_ids)}
+    with zipfile.ZipFile(EVALUATION_ZIP) as archive:
+        for name in sorted(characters)[::131][:5]:
+            for member in characters[name][::7]:
+                char_id, drawer = map(int, Path(member).stem.split("_"))
+                path = tmp_path / Path(member).name
+                path.write_bytes(archive.read(member))
+                expected = cache.images[cache.offsets[position[char_id - 1]] + drawer - 1]
+                np.testing.assert_array_equal(image_io.read_image(path, prep), expected)
+
+
+def test_any_size_and_colour_mode_becomes_one_grey_channel(tmp_path):
+    prep = Preprocessing(28)
+    rng = np.random.default_rng(3)
+    for mode, size, suffix in (("RGB", (50, 37), ".jpg"), ("RGBA", (105, 105), ".png"),
+                               ("P", (13, 29), ".png"), ("L", (28, 28), ".bmp")):
+        path = tmp_path / f"image_{mode}{suffix}"
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode).save(path)
+        x = image_io.read_image(path, prep)
+        assert x.shape == (28, 28, 1) and x.dtype == np.float32 and 0 <= x.min() <= x.max() <= 1
+
+
+# ----- learning and parity --------------------------------------------------------------------
+def test_adaptation_classifies_unseen_characters_far_above_chance(model, characters, tmp_path):
+    # 6 tasks x 5 ways x 4 queries = 120 queries; this tiny model reaches ~55%, chance is 20%:
+    # 40% is the honest claim (twice chance), several standard errors below what it gets.
+    correct = total = 0
+    for seed in range(6):
+        root = tmp_path / f"task{seed}"
+        truth = write_task(characters, root, 5, 1, 4, seed=100 + seed)
+        personal = model.adapt_folder(root / "support")
+        queries = sorted(truth)
+        predicted = personal.predict([root / "query" / q for q in queries])
+        correct += sum(label == truth[q] for q, (label, _) in zip(queries, predicted))
+        total += len(queries)
+    assert correct / total >= 0.4, f"accuracy {correct / total:.2f} on {total} queries"
+
+
+@pytest.mark.parametrize("shots, queries", [(1, 3), ((2, 1, 3), 2)])
+def test_adaptation_matches_tensorflow_inner_loop(trained_export, model, characters, tmp_path,
+                                                  shots, queries):
+    import tensorflow as tf
+
+    from mmtl_tf.meta import inner_loop as il
+    from mmtl_tf.training import load_learner
+
+    ways = 5 if shots == 1 else len(shots)
+    truth = write_task(characters, tmp_path, ways, shots, queries, seed=5)
+    paths, labels = image_io.support_folder(tmp_path / "support")
+    personal = model.adapt(paths, labels)
+    query = image_io.to_batch(sorted((tmp_path / "query").iterdir()), model.prep)  # (Q, 28, 28, 1)
+    learner, _ = load_learner(trained_export.workdir)
+    support_x = image_io.to_batch(paths, model.prep)
+    support_y = np.asarray([personal.class_names.index(label) for label in labels], np.int32)
+    meta = [tf.convert_to_tensor(p) for p in learner.meta_params]
+    adapted = il.adapt(learner.loop, meta, support_x, support_y, ways, model.default_steps,
+                       learner.learning_rates(ways), first_order=True)
+    expected = il.query_logits(learner.loop, adapted.params, support_x, query).numpy()
+    np.testing.assert_allclose(personal.logits(query), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(personal.support_losses, adapted.support_losses.numpy(), atol=1e-4)
+    # one query at a time: support statistics make each prediction independent of the batch
+    np.testing.assert_allclose(personal.logits(query[:1]), expected[:1], atol=1e-4, rtol=0)
+    assert len(truth) == ways * queries
+
+
+@pytest.fixture
+def cli():
+    """pipelines/adapt_on_device.py's main(argv) -> exit code."""
+    import runpy
+
+    return runpy.run_path(str(REPO / "pipelines" / "adapt_on_device.py"))["main"]
+
+
+def test_head_only_adaptation_changes_only_the_head(model, task):
+    personal = model.adapt_folder(task[0] / "support", steps=3, head_only=True)
+    for name in model.param_names[:-2]:
+        np.testing.assert_array_equal(personal.params[name], model.params[name])
+    assert personal.support_losses[-1] < personal.support_losses[0] and personal.status == "ok"
+
+
+def test_cli_prints_each_query_with_its_class_and_probability(trained_export, task, cli, capsys):
+    root, truth = task
+    args = ["--model", str(trained_export.folder), "--support", str(root / "support")]
+    some = sorted(truth)[:4]
+    assert cli(args + ["--query", *(str(root / "query" / q) for q in some), "--steps", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "5 classes, 3 steps, status: ok"
+    for query, line in zip(some, lines[1:]):
+        name, label, probability = line.split()
+        assert name == query and label in truth.values() and 0.2 < float(probability) <= 1
+    assert cli(args + ["--query", str(root / "query"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["predictions"]) == set(truth) and result["steps"] == 2
+    assert all(result["class_probabilities"][q][c] == p for q, c in result["predictions"].items()
+               for p in [result["probabilities"][q]])
+
+
+# ----- bad inputs are refused by name -------------------------------------------------------
+def _png_with_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height (what Pillow checks for bombs on open)."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")  # IHDR width, height
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # IHDR's CRC
+    return bytes(data)
+
+
+def _support(root: Path, counts: dict[str, int]) -> Path:
+    """root/<label>/<i>.png, ``counts[label]`` small grey images per label."""
+    for label, count in counts.items():
+        (root / label).mkdir(parents=True)
+        for i in range(count):
+            Image.new("L", (28, 28), 255 - 9 * i).save(root / label / f"{i}.png")
+    return root
+
+
+BAD_FILES = {
+    "empty.png": (b"", "empty"),
+    "notes.png": (b"these are my notes, not a picture\n", "not a readable image"),
+    "truncated.png": (None, "not a readable image"),
+    "bomb.png": (_png_with_size(9000, 9000), "decompression bomb"),  # 81 Mpx: Pillow only warns
+    "huge_bomb.png": (_png_with_size(30000, 30000), "decompression bomb"),  # Pillow raises
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_a_bad_image_file_is_named(model, characters, tmp_path, name):
+    content, reason = BAD_FILES[name]
+    if content is None:
+        with zipfile.ZipFile(EVALUATION_ZIP) as archive:
+            content = archive.read(characters[sorted(characters)[0]][0])[:200]
+    root = _support(tmp_path / "support", {"alpha": 1, "beta": 1})
+    (root / "beta" / name).write_bytes(content)
+    with pytest.raises(ondevice.ImageError, match=reason) as caught:
+        model.adapt_folder(root)
+    assert str(root / "beta" / name) in str(caught.value)
+    assert 9000 * 9000 > MAX_IMAGE_PIXELS  # the bombs are over the shared limit
+
+
+@pytest.mark.parametrize("counts, match", [
+    ({"alpha": 2}, r"1 class\(es\); give at least 2"),
+    ({f"c{i:02d}": 1 for i in range(21)}, r"21 classes but .* at most max_ways=20"),
+    ({"alpha": 6, "beta": 1}, r"class 'alpha' has 6 images .* max_shots=5"),
+])
+def test_support_sets_out_of_range_are_refused_with_the_fix(model, tmp_path, counts, match):
+    with pytest.raises(ondevice.AdaptationError, match=match):
+        model.adapt_folder(_support(tmp_path / "support", counts))
+
+
+def test_folder_mistakes_are_named(model, tmp_path):
+    root = _support(tmp_path / "support", {"alpha": 1, "beta": 1})
+    (root / "gamma").mkdir()
+    with pytest.raises(ondevice.ImageError, match=f"class folder {root / 'gamma'} holds no images"):
+        model.adapt_folder(root)
+    (root / "gamma").rmdir()
+    Image.new("L", (5, 5)).save(root / "loose.png")
+    with pytest.raises(ondevice.ImageError, match="loose.png: the support folder must hold one"):
+        model.adapt_folder(root)
+    with pytest.raises(ondevice.ImageError, match="does not exist"):
+        model.adapt_folder(tmp_path / "nowhere")
+    with pytest.raises(ondevice.ImageError, match="query image .*missing.png does not exist"):
+        image_io.query_files([tmp_path / "missing.png"])
+
+
+def test_api_arguments_are_checked(model):
+    images = [np.full((28, 28, 1), 0.5, np.float32)] * 3
+    for kwargs, match in (({"steps": -1}, "steps=-1 must be an integer >= 0"),
+                          ({"lr": 0.0}, "lr=0.0 must be a positive finite"),
+                          ({"lr": float("nan")}, "lr=nan must be a positive finite")):
+        with pytest.raises(ondevice.AdaptationError, match=match):
+            model.adapt(images, ["a", "b", "a"], **kwargs)
+    with pytest.raises(ondevice.AdaptationError, match="3 support images but 2 labels"):
+        model.adapt(images, ["a", "b"])
+    with pytest.raises(ondevice.AdaptationError, match="all class names .* or all integers"):
+        model.adapt(images, ["a", 1, "a"])
+    with pytest.raises(ondevice.ImageError, match=r"shape \(5, 5\)"):
+        model.adapt([np.zeros((5, 5), np.float32)] * 2, [0, 1])
+
+
+def test_cli_reports_a_user_error_on_stderr_with_exit_code_2(trained_export, tmp_path, cli, capsys):
+    root = _support(tmp_path / "support", {"alpha": 1})
+    code = cli(["--model", str(trained_export.folder), "--support", str(root), "--query", str(root / "alpha")])
+    assert code == 2 and "give at least 2 classes" in capsys.readouterr().err
+
+
+# ----- the export folder is verified ------------------------------------------------------------
+@pytest.fixture
+def export_copy(trained_export, tmp_path):
+    return Path(shutil.copytree(trained_export.folder, tmp_path / "export"))
+
+
+def test_a_modified_file_fails_its_manifest_hash_by_name(export_copy):
+    data = bytearray((export_copy / "predict.onnx").read_bytes())
+    data[-1] ^= 1
+    (export_copy / "predict.onnx").write_bytes(bytes(data))
+    with pytest.raises(ondevice.ExportError, match=r"predict.onnx does not match its SHA-256"):
+        ondevice.load(export_copy)
+    (export_copy / "predict.onnx").unlink()
+    with pytest.raises(ondevice.ExportError, match=r"predict.onnx is missing"):
+        ondevice.load(export_copy)
+    manifest = json.loads((export_copy / "manifest.json").read_text())
+    del manifest["files"]["predict.onnx"], manifest["max_ways"]
+    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ondevice.ExportError, match="lacks the key 'max_ways'"):
+        ondevice.load(export_copy)
+    (export_copy / "manifest.json").unlink()
+    with pytest.raises(ondevice.ExportError, match="has no manifest.json"):
+        ondevice.load(export_copy)
+
+
+# ----- a non-finite loss stops adaptation -------------------------------------------------------
+def test_a_non_finite_loss_stops_adaptation_and_keeps_the_previous_step(model, task, cli, capsys):
+    root, _ = task
+    with pytest.warns(ondevice.AdaptationWarning, match="non-finite"):
+        personal = model.adapt_folder(root / "support", lr=1e30)
+    assert personal.status.startswith("stopped:") and personal.steps_run < model.default_steps
+    assert not np.isfinite(personal.support_losses[-1])
+    kept = model.adapt_folder(root / "support", lr=1e30, steps=personal.steps_run)
+    for name in model.param_names:
+        np.testing.assert_array_equal(personal.params[name], kept.params[name])
+    assert np.all(np.isfinite(personal.predict_proba(sorted((root / "query").iterdir()))))
+    with pytest.warns(ondevice.AdaptationWarning):
+        code = cli(["--model", str(model.folder), "--support", str(root / "support"), "--query",
+                    str(root / "query"), "--lr", "1e30", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["status"].startswith("stopped:")
+    assert result["steps"] == personal.steps_run and result["support_losses"][-1] is None
+
+
+# ----- personal state ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def personal(model, task):
+    return model.adapt_folder(task[0] / "support")
+
+
+def test_saved_state_round_trips(trained_export, personal, task, tmp_path):
+    queries = sorted((task[0] / "query").iterdir())
+    path = personal.save(tmp_path / "me.personal")
+    loaded = ondevice.load_personal(trained_export.folder, path)
+    assert loaded.class_names == personal.class_names and loaded.steps_run == personal.steps_run
+    np.testing.assert_array_equal(loaded.predict_proba(queries), personal.predict_proba(queries))
+    assert os.listdir(tmp_path) == ["me.personal"]
+
+
+def test_state_from_another_meta_initialisation_is_refused(trained_export, personal, export_copy, tmp_path):
+    from mmtl_tf.export.exporter import sha256, write_npz
+
+    with np.load(export_copy / "params.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["head_b"] = arrays["head_b"] + 1.0  # another meta-initialisation, a valid export
+    write_npz(export_copy / "params.npz", arrays)
+    manifest = json.loads((export_copy / "manifest.json").read_text())
+    manifest["files"]["params.npz"] = manifest["meta_init_sha256"] = sha256(export_copy / "params.npz")
+    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    ondevice.load(export_copy)  # the other export itself is fine
+    path = personal.save(tmp_path / "me.personal")
+    with pytest.raises(ondevice.PersonalStateError, match="adapted from the meta-initialisation"):
+        ondevice.load_personal(export_copy, path)
+    (tmp_path / "garbage.personal").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(ondevice.PersonalStateError, match="garbage.personal is not a readable"):
+        ondevice.load_personal(trained_export.folder, tmp_path / "garbage.personal")
+
+
+@pytest.mark.parametrize("failure", ["onnx", "replace"])
+def test_a_failed_save_keeps_the_previous_state_and_leaves_no_temporary_file(
+        trained_export, model, personal, characters, tmp_path, monkeypatch, failure):
+    path = personal.save(tmp_path / "me.personal")
+    before = path.read_bytes()
+    other_root = tmp_path / "other"
+    write_task(characters, other_root, 3, 1, 1, seed=23)
+    other = model.adapt_folder(other_root / "support")
+
+    def fail(*args, **kwargs):
+        raise OSError("simulated crash mid-save")
+
+    if failure == "onnx":
+        monkeypatch.setattr(onnx_edit, "bake_initializers", fail)
+    else:
+        monkeypatch.setattr(personal_module.os, "replace", fail)
+    with pytest.raises(OSError, match="simulated crash"):
+        other.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert ondevice.load_personal(trained_export.folder, path).class_names == personal.class_names
+    assert sorted(os.listdir(tmp_path)) == ["me.personal", "other"]
+
+
+def test_personalized_onnx_is_checked_onnx_equal_to_predict_fed_the_adapted_params(personal, tmp_path):
+    path = personal.save(tmp_path / "me.personal")
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read("personalized.onnx")
+    proto = onnx.load_from_string(data)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["images"]
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(metadata["mmtl_tf.class_names"]) == personal.class_names
+    assert metadata["mmtl_tf.meta_init_sha256"] == personal.export.meta_init_sha256
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    for batch in (1, 7):
+        x = np.random.default_rng(batch).random((batch, 28, 28, 1), dtype=np.float32)
+        baked = session.run(["logits"], {"images": x})[0][:, :personal.ways]
+        np.testing.assert_allclose(baked, personal.logits(x), atol=1e-5, rtol=0)
+
+
+# ----- the wire-format editor and the latency benchmark -----------------------------------------
+@pytest.mark.parametrize("array", [np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5,
+                                   np.array(3.25, np.float32), np.arange(300, dtype=np.int64) * 1000,
+                                   np.array([-7, 2**31 - 1], np.int32)])
+def test_tensor_proto_is_what_onnx_reads(array):
+    tensor = onnx.TensorProto.FromString(onnx_edit.tensor_proto("t", array))
+    assert tensor.name == "t"
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), array)
+
+
+def test_varints_round_trip():
+    for value in (0, 1, 127, 128, 300, 2**31, 2**63 - 1):
+        assert onnx_edit.read_varint(onnx_edit.varint(value) + b"\x00", 0) == (
+            value, len(onnx_edit.varint(value)))
+    with pytest.raises(onnx_edit.WireFormatError, match="truncated"):
+        onnx_edit.read_varint(b"\x80", 0)
+
+
+def test_device_latency_reports_medians(trained_export):
+    result = bench.device_latency(trained_export.folder, ways=5, shots=1, repeats=2)
+    assert result["threads"] == 1 and result["steps"] == 2
+    assert 0 < result["adapt_median_ms"] < result["total_median_ms"] <= result["total_max_ms"]
+
+
+def test_the_smallest_support_bucket_that_fits_is_chosen(tmp_path):
+    stub = object.__new__(ondevice.ExportedModel)  # graph() reads only these three attributes
+    stub.folder, stub.max_support = tmp_path, 100
+    stub.manifest = {"graphs": dict.fromkeys(["adapt_step", "adapt_step_s25", "adapt_step_s5",
+                                              "init_head"])}
+    chosen = [stub.graph("adapt_step", rows) for rows in (1, 5, 6, 25, 26, 100)]
+    assert chosen == ["adapt_step_s5"] * 2 + ["adapt_step_s25"] * 2 + ["adapt_step"] * 2
+    assert stub.graph("init_head", 3) == "init_head"
+    with pytest.raises(ondevice.ExportError, match="has no 'support_stats' graph"):
+        stub.graph("support_stats", 3)
