@@ -54,20 +54,8 @@ class PersonalModel:
 
     def logits(self, images) -> np.ndarray:
         """float32 (B, N) logits of the N classes for preprocessed images (B, size, size, 1)."""
-        x = np.asarray(images, np.float32)
-        feeds = {"images": x, **self.params, **(self.bn_stats or {})}
-        spec = next(i for i in self.export.session("predict").get_inputs() if i.name == "images")
-        batch = spec.shape[0]
-        if not isinstance(batch, int) or batch == len(x):
-            return self.export.run("predict", ["logits"], feeds)[0][:, :self.ways]
-        if self.export.transductive:
-            raise ValueError(f"this transductive export predicts batches of exactly {batch} images")
-        rows = []  # a fixed batch size: per-image statistics are fixed, so padding is harmless
-        for start in range(0, len(x), batch):
-            chunk = np.zeros((batch, *x.shape[1:]), np.float32)
-            chunk[:len(x[start:start + batch])] = x[start:start + batch]
-            rows.append(self.export.run("predict", ["logits"], {**feeds, "images": chunk})[0])
-        return np.concatenate(rows)[:len(x), :self.ways]
+        feeds = {"images": np.asarray(images, np.float32), **self.params, **(self.bn_stats or {})}
+        return self.export.run("predict", ["logits"], feeds)[0][:, :self.ways]  # any batch size
 
     def predict_proba(self, images) -> np.ndarray:
         """Class probabilities (B, N), columns in ``class_names`` order. ``images`` as accepted
