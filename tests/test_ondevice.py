@@ -353,6 +353,14 @@ def personal(model, task):
     return model.adapt_folder(task[0] / "support")
 
 
+def test_integer_labels_are_kept_as_class_names(model, tmp_path):
+    images = [np.full((28, 28, 1), v, np.float32) for v in (0.1, 0.9, 0.2)]
+    personal = model.adapt(images, np.array([7, 3, 7]), steps=1)
+    assert personal.class_names == [3, 7] and [c for c, _ in personal.predict(images[:1])] in ([3], [7])
+    loaded = ondevice.load_personal(model.folder, personal.save(tmp_path / "ints.personal"))
+    assert loaded.class_names == [3, 7]
+
+
 def test_saved_state_round_trips(trained_export, personal, task, tmp_path):
     queries = sorted((task[0] / "query").iterdir())
     path = personal.save(tmp_path / "me.personal")

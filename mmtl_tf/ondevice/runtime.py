@@ -212,6 +212,7 @@ class ExportedModel:
         if len(kinds) > 1 or (kinds == {False} and not all(
                 isinstance(label, (int, np.integer)) for label in labels)):
             raise AdaptationError("labels must be all class names (str) or all integers")
+        labels = [label if isinstance(label, str) else int(label) for label in labels]  # JSON-able
         class_names = sorted(set(labels))
         ways = len(class_names)
         if ways < 2:
