@@ -11,7 +11,6 @@ No TensorFlow here: the download is a callable handed in by the caller (the TFDS
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import mmtl_tf
+from mmtl_tf.hashing import sha256
 
 _LOG = logging.getLogger(__name__)
 ENV_VAR = "MMTL_OMNIGLOT_DIR"
@@ -139,7 +139,7 @@ def extract_zip(zip_path: str | os.PathLike, extract_root: str | os.PathLike, st
     extract_root = Path(extract_root)
     if not zip_path.is_file():
         raise OmniglotSourceError(f"{zip_path} does not exist or is not a file. {_FIX}")
-    final = extract_root / f"{stem}-{_sha256(zip_path)[:16]}"
+    final = extract_root / f"{stem}-{sha256(zip_path)[:16]}"
     if final.is_dir():
         return final / stem
     extract_root.mkdir(parents=True, exist_ok=True)
@@ -155,14 +155,6 @@ def extract_zip(zip_path: str | os.PathLike, extract_root: str | os.PathLike, st
         if partial.exists():
             shutil.rmtree(partial)
     return final / stem
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _extract_checked(zip_path: Path, dest: Path, stem: str) -> None:

@@ -6,7 +6,6 @@ half-written export; an existing folder is replaced only with ``force``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmtl_tf.hashing import sha256
 from mmtl_tf.preprocessing import Preprocessing
 
 MANIFEST = "manifest.json"
@@ -104,14 +104,6 @@ def write_npz(path: Path, arrays: dict) -> None:
             with archive.open(info, "w") as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(arrays[name]), allow_pickle=False)
     Path(path).write_bytes(buffer.getvalue())
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _graph_io(model) -> dict:

@@ -10,7 +10,6 @@ batch-norm statistics of the support set at the final parameters. The result is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import warnings
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from mmtl_tf.hashing import sha256
 from mmtl_tf.ondevice import images as image_io
 from mmtl_tf.ondevice.personal import PersonalModel
 from mmtl_tf.preprocessing import Preprocessing
@@ -60,16 +60,6 @@ def load(folder, threads: int | None = None) -> "ExportedModel":
         return ExportedModel(folder, manifest, threads)
     except KeyError as err:
         raise ExportError(f"{manifest_path} lacks the key {err}; re-export the model") from None
-
-
-def sha256(path: Path) -> str:
-    # The exporter has the same helper; ondevice imports nothing from the package but
-    # preprocessing, so it keeps its own.
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_files(folder: Path, manifest: dict) -> None:
