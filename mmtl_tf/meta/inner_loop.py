@@ -61,6 +61,8 @@ class InnerLoop:
         then behaves exactly like the head sliced to its active classes.
         """
         features, _ = self.features(params[:-2], x, bn_state, sample_mask)
+        # Under mixed precision the encoder computes in (b)float16; the head and loss stay float32.
+        features = tf.cast(features, params[-2].dtype)
         outputs = tf.matmul(features, params[-2]) + params[-1]
         if class_mask is not None:
             outputs = tf.where(class_mask > 0, outputs, tf.constant(-1e9, outputs.dtype))
@@ -92,6 +94,7 @@ class InnerLoop:
             return encoder_params + [tf.zeros_like(head_w[:, :ways]), tf.zeros_like(head_b[:ways])]
         if self.head_init == "proto":
             features, _ = self.features(encoder_params, support_x, sample_mask=sample_mask)
+            features = tf.cast(features, head_w.dtype)
             members = tf.one_hot(support_y, ways, dtype=features.dtype)  # (S, N)
             if sample_mask is not None:
                 members *= tf.cast(sample_mask, features.dtype)[:, None]

@@ -160,7 +160,7 @@ class MetaLearner(keras.Model):
     # ----- Keras hooks ----------------------------------------------------------------------
     def call(self, inputs, training=False):
         """Predicts with the meta-initialisation: (B, ...) -> (B, max_ways) logits."""
-        features = self.encoder(inputs, training=training)
+        features = tf.cast(self.encoder(inputs, training=training), self.head_w.dtype)
         return tf.matmul(features, self.head_w) + self.head_b
 
     @property
@@ -193,6 +193,7 @@ class MetaLearner(keras.Model):
                 self.optimizer.build(self.meta_variables)
 
     def train_step(self, data):
+        data = as_episodes(data)
         if self.config.reptile:
             return self._reptile_step(data)
         first_order = self._first_order()
@@ -212,6 +213,7 @@ class MetaLearner(keras.Model):
         return super().make_test_function(force=True)
 
     def test_step(self, data):
+        data = as_episodes(data)
         return self._record(self._meta_batch(data, self.config.eval_inner_steps, True))
 
     def _first_order(self):
@@ -311,3 +313,17 @@ def feature_dim(encoder) -> int:
     if getattr(encoder, "feature_dim", None):
         return int(encoder.feature_dim)
     return int(encoder.output.shape[-1])
+
+
+def as_episodes(data) -> Episode:
+    """The meta-batch in what Keras hands a step: an Episode, or (Episode, None, None) from
+    train_on_batch / test_on_batch."""
+    if isinstance(data, Episode):
+        return data
+    if isinstance(data, tuple) and data and isinstance(data[0], Episode):
+        if any(part is not None for part in data[1:]):
+            raise ValueError("episodes carry their own labels: pass only the Episode, no y or "
+                             "sample_weight")
+        return data[0]
+    raise TypeError(f"expected an Episode meta-batch, got {type(data).__name__}; build the "
+                    "dataset with mmtl_tf.data.episodes.episode_dataset")
