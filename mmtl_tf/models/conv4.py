@@ -10,6 +10,25 @@ import keras
 
 
 @keras.saving.register_keras_serializable(package="mmtl_tf")
+class ExactBatchNorm(keras.layers.BatchNormalization):
+    """Batch norm whose batch variance keeps the gradient through the batch mean.
+
+    Keras' unmasked moments are ``tf.nn.moments``, which stops that gradient: first derivatives
+    stay right (the variance's derivative with respect to the mean is zero) but second
+    derivatives, which MAML's meta-gradient needs, do not. Masked moments (padded support sets)
+    are Keras' own and already exact.
+    """
+
+    def _moments(self, inputs, mask):
+        if mask is not None:
+            return super()._moments(inputs, mask)
+        axes = self._reduction_axes
+        mean = keras.ops.mean(inputs, axis=axes, keepdims=True)
+        variance = keras.ops.mean(keras.ops.square(inputs - mean), axis=axes, keepdims=True)
+        return keras.ops.squeeze(mean, axes), keras.ops.squeeze(variance, axes)
+
+
+@keras.saving.register_keras_serializable(package="mmtl_tf")
 class Conv4(keras.Model):
     """The 4-block convolutional encoder of the MAML paper.
 
@@ -38,7 +57,7 @@ class Conv4(keras.Model):
         stride = 2 if downsample == "stride" else 1
         self.convs = [keras.layers.Conv2D(filters, 3, strides=stride, padding="same",
                                           name=f"block{b}_conv") for b in range(4)]
-        self.norms = [keras.layers.BatchNormalization(momentum=0.0, epsilon=1e-3,
+        self.norms = [ExactBatchNorm(momentum=0.0, epsilon=1e-3,
                                                       name=f"block{b}_bn") for b in range(4)]
         side = self.image_size
         for _ in range(4):
@@ -57,11 +76,6 @@ class Conv4(keras.Model):
         self.built = True
 
     def call(self, x, training=False, sample_mask=None):
-        if training and sample_mask is None:
-            # Keras' unmasked moments (tf.nn.moments) stop the gradient through the mean inside
-            # the variance: first derivatives stay right, second derivatives (MAML's meta-
-            # gradient) do not. Its masked moments are exact, so mask every row.
-            sample_mask = keras.ops.ones(keras.ops.shape(x)[:1], x.dtype)
         h = x
         for conv, norm in zip(self.convs, self.norms):
             h = conv(h)
