@@ -92,7 +92,7 @@ def write_params(path: Path, exportable) -> None:
     arrays = {n: np.asarray(p) for n, p in zip(exportable.names, exportable.params)}
     arrays.update({n: np.asarray(v) for n, v in zip(exportable.bn, exportable.bn_state)})
     arrays.update({"lr_" + n: np.asarray(lr, np.float32)
-                   for n, lr in zip(exportable.names, exportable.initial_lrs())})
+                   for n, lr in zip(exportable.names, exportable.stored_lrs())})
     write_npz(path, arrays)
 
 

@@ -26,7 +26,8 @@ class AdaptationModule(tf.Module):
         self.bn_state = [tf.Variable(v, trainable=False, name=n)
                          for v, n in zip(exportable.bn_state, exportable.bn)]
         self.lrs = [tf.Variable(lr, trainable=False, name="lr_" + n)
-                    for lr, n in zip(exportable.initial_lrs(), exportable.names)]
+                    for lr, n in zip(exportable.stored_lrs(), exportable.names)]
+        self.per_step = exportable.spec.learned_inner_lr == "per_layer_per_step"
         image = exportable.image_spec(None, "images")
         support = exportable.image_spec(None, "support_images")
         labels = tf.TensorSpec([None], tf.int32, "support_labels")
@@ -75,7 +76,10 @@ class AdaptationModule(tf.Module):
         params = params[:-2] + list(ex.loop.task_params(params, support_x, support_y, ex.spec.max_ways, mask)[-2:])
 
         def body(i, *ps):
-            _, new = ex.adapt_step(support_x, support_y, mask, class_mask, list(ps), lrs)
+            rates = lrs
+            if self.per_step:  # MAML++: one rate per step, the last one beyond
+                rates = [tf.gather(lr, tf.minimum(i, tf.shape(lr)[0] - 1)) for lr in lrs]
+            _, new = ex.adapt_step(support_x, support_y, mask, class_mask, list(ps), rates)
             return (i + 1, *new)
 
         _, *params = tf.while_loop(lambda i, *ps: i < steps, body, (tf.constant(0), *params))

@@ -98,6 +98,13 @@ class Exportable:
         last = self.learner.config.inner_steps - 1
         return [tf.convert_to_tensor(v)[min(step, last)] for v in lrs]
 
+    def stored_lrs(self):
+        """The rates to ship: per parameter, the rate (scalar or per element), or for MAML++
+        a vector of one rate per inner step (steps beyond it use the last)."""
+        if self.spec.learned_inner_lr == "per_layer_per_step":
+            return [tf.convert_to_tensor(v) for v in self.learner.inner_lrs]
+        return self.initial_lrs()
+
     # ----- the computations ---------------------------------------------------------------------
     def predict(self, images, params, bn_state=None):
         """Logits (B, max_ways) at ``params``; bn_state None means batch statistics."""

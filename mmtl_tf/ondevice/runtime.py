@@ -235,6 +235,12 @@ class ExportedModel:
         return {"support_images": padded, "support_labels": labels, "sample_mask": mask,
                 "class_mask": class_mask}
 
+    def _step_lrs(self, lrs, step: int) -> dict:
+        """Learning-rate feeds of one step; MAML++ ships a rate per step (the last one after)."""
+        if self.manifest.get("learned_inner_lr") == "per_layer_per_step":
+            return {"lr_" + n: np.asarray(v[min(step, len(v) - 1)], np.float32) for n, v in lrs.items()}
+        return {"lr_" + n: v for n, v in lrs.items()}
+
     def _adapt_loop(self, x, y, class_names, params, lrs, steps, head_only) -> PersonalModel:
         """Chains the SGD steps; a non-finite loss at step k keeps the parameters of step k-1.
 
@@ -245,11 +251,10 @@ class ExportedModel:
         name = self.graph(stem, len(y))
         support = self._support(name, x, y, len(class_names))
         changed = ["head_w", "head_b"] if head_only else self.param_names
-        lr_feeds = {"lr_" + n: v for n, v in lrs.items()}
         losses, previous = [], None
         for step in range(steps):
             loss, *new = self.run(name, ["loss"] + ["new_" + n for n in changed],
-                                  {**support, **params, **lr_feeds})
+                                  {**support, **params, **self._step_lrs(lrs, step)})
             losses.append(float(loss))
             if not np.isfinite(loss):
                 return self._stopped(x, y, class_names, previous, step, losses)
