@@ -230,3 +230,28 @@ def test_a_non_finite_jit_compiled_step_writes_no_nan():
     assert not np.isfinite(history["loss"][0])
     for old, v in zip(before, learner.weights):  # plain SGD: a zero update changes nothing
         np.testing.assert_array_equal(v.numpy(), old, err_msg=v.path)
+
+
+# ----- MAML++ derivative-order annealing ------------------------------------------------------
+@pytest.mark.parametrize("algorithm,first_order_until,same_as_first_order", [
+    ("maml", 5, True),    # annealing: the first meta-steps are first order
+    ("maml", 0, False),   # plain MAML: second order from the start
+])
+def test_derivative_order_annealing_starts_first_order(algorithm, first_order_until,
+                                                       same_as_first_order):
+    batch, _ = _meta_batch(_pattern_classes(), seed=9)
+
+    def one_step(config):
+        learner = _learner(config)
+        learner.compile(optimizer=keras.optimizers.SGD(0.5))
+        learner.train_on_batch(batch)
+        return _values(learner.meta_params)
+
+    base = dict(inner_lr=0.3, max_ways=WAYS, head_init="learned")
+    annealed = one_step(MetaConfig(algorithm=algorithm, first_order_until=first_order_until, **base))
+    first_order = one_step(MetaConfig(algorithm="fomaml", **base))
+    gap = max(float(np.abs(a - b).max()) for a, b in zip(annealed, first_order))
+    if same_as_first_order:
+        assert gap < 1e-6, gap
+    else:
+        assert gap > 1e-5, gap
