@@ -159,3 +159,21 @@ def test_sinusoid_episodes_follow_the_maml_paper_family():
     np.testing.assert_array_equal(e.task_params.numpy(), again.task_params.numpy())
     with pytest.raises(ValueError, match="shots=0"):
         SinusoidSampler(shots=0)
+
+
+def test_episodes_from_any_tfds_classification_dataset(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from mmtl_tf.data.omniglot import load_class_images
+    from mmtl_tf.preprocessing import Preprocessing
+
+    with tfds.testing.mock_data(num_examples=230, policy=tfds.testing.MockPolicy.USE_CODE):
+        classes = load_class_images("mnist", "train", Preprocessing(12, ink_as_one=False),
+                                    data_dir=tmp_path)
+    sampler = EpisodeSampler(classes, 3, 2, 4)
+    batch = next(iter(episode_dataset(sampler, seed=13, meta_batch_size=5)))
+    assert batch.support_x.shape == (5, 6, 12, 12, 1) and batch.query_x.shape == (5, 12, 12, 12, 1)
+    for e in range(5):
+        assert set(batch.class_ids[e].numpy()) <= set(classes.class_ids.tolist())
+        assert len(set(batch.class_ids[e].numpy())) == 3
+        assert np.array_equal(np.bincount(batch.query_y[e].numpy(), minlength=3), [4, 4, 4])
