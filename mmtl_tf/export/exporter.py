@@ -23,8 +23,12 @@ PARAMS = "params.npz"
 FORMAT_VERSION = 1
 
 
-def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | None = None) -> dict:
-    """Exports the training run in ``workdir`` to the folder ``out``. Returns the manifest."""
+def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | None = None,
+           model_card=None) -> dict:
+    """Exports the training run in ``workdir`` to the folder ``out``. Returns the manifest.
+
+    ``model_card``: a Markdown file copied in as MODEL_CARD.md (hashed like every file).
+    """
     from mmtl_tf.export import onnx_convert, saved_model
     from mmtl_tf.export.signatures import ExportSpec, Exportable
     from mmtl_tf.training import load_learner
@@ -50,6 +54,8 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | N
         write_params(tmp / PARAMS, exportable)
         learner.save(tmp / "model.keras")
         saved_model.save(exportable, learner.config.eval_inner_steps, tmp / "saved_model")
+        if model_card is not None:
+            shutil.copyfile(model_card, tmp / "MODEL_CARD.md")
         for name in ("config.json", "metrics.json"):
             if (Path(workdir) / name).is_file():
                 shutil.copyfile(Path(workdir) / name, tmp / name)
