@@ -93,7 +93,7 @@ class MetaLearner(keras.Model):
             rates = [tf.convert_to_tensor(v) for v in lrs[:-2]]
             if self.loop.head_init == "learned" or self.task == "regression":
                 head = [lrs[-2][:, :ways], lrs[-1][:ways]]
-            else:  # a prototype or zero head has no fixed column order: share column 0's rates
+            else:  # a prototype or zero head has no fixed column order: columns share the mean rate
                 head = [tf.reduce_mean(lrs[-2], axis=1, keepdims=True), tf.reduce_mean(lrs[-1])]
             return lambda step: rates + head
         last = self.config.inner_steps - 1
