@@ -20,7 +20,7 @@ converting the same function twice gives byte-identical files.
                  (not "head_w": an ONNX value cannot share its name with the head_w input)
   meta_init      images -> logits with the meta-learned weights baked in
 
-Inputs and outputs carry exactly the names of ``signatures`` (param_names, bn_names, lr_names).
+Inputs and outputs carry exactly the names of ``signatures`` (param_names, bn_names; learning rates are lr_<param>).
 """
 
 from __future__ import annotations

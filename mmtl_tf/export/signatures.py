@@ -55,10 +55,6 @@ def bn_names(learner) -> list[str]:
     return ["bn_" + _clean(v.path) for v in learner.encoder.non_trainable_variables]
 
 
-def lr_names(learner) -> list[str]:
-    return ["lr_" + n for n in param_names(learner)]
-
-
 class Exportable:
     """The exported functions of one MetaLearner, with static shapes from an ExportSpec."""
 
@@ -133,15 +129,3 @@ class Exportable:
         prototypes of the support set (by head_init). Returns (head_w, head_b)."""
         start = self.loop.task_params(list(params), support_x, support_y, self.spec.max_ways, sample_mask)
         return start[-2:]
-
-    def start_params(self, support_x, support_y, sample_mask):
-        """The task's starting parameters: encoder weights and the initial head."""
-        return self.params[:-2] + list(self.init_head(support_x, support_y, sample_mask, self.params))
-
-    def adapt(self, support_x, support_y, sample_mask, class_mask, steps: int):
-        """``steps`` chained adapt steps from the meta-initialisation, as a device runs them."""
-        params = self.start_params(support_x, support_y, sample_mask)
-        for step in range(steps):
-            _, params = self.adapt_step(support_x, support_y, sample_mask, class_mask, params,
-                                        self.initial_lrs(step))
-        return params
