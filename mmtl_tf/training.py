@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import keras
@@ -20,6 +19,7 @@ from mmtl_tf.data.episode_files import draw_episodes
 from mmtl_tf.data.episodes import EpisodeSampler, episode_dataset
 from mmtl_tf.data.sinusoid import SinusoidSampler
 from mmtl_tf.evaluation import evaluate_episodes
+from mmtl_tf.files import atomic_write
 from mmtl_tf.meta.learner import NONFINITE_MARKER, MetaLearner
 from mmtl_tf.models.conv4 import conv4_encoder, mlp_encoder
 from mmtl_tf.preprocessing import Preprocessing
@@ -176,11 +176,8 @@ def _optimizer(config):
 
 def write_json(path: Path, value) -> None:
     """Writes JSON atomically: a temporary file in the same folder, then a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
-    os.replace(tmp, path)
+    text = json.dumps(value, indent=2, sort_keys=True)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class _AtomicCheckpoint(keras.callbacks.Callback):

@@ -316,7 +316,7 @@ def test_class_cache_is_reused_on_the_next_call(small1_data_dir, monkeypatch):
     np.testing.assert_array_equal(second.images, first.images)
     np.testing.assert_array_equal(second.class_ids, first.class_ids)
     assert second.group_names == first.group_names and len(second.group_names) == 50
-    assert [p.name for p in cache.parent.iterdir() if p.name.endswith(".partial")] == []
+    assert [p.name for p in cache.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_unknown_omniglot_split_is_rejected(tmp_path):

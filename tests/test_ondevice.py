@@ -23,7 +23,8 @@ from PIL import Image
 
 from mmtl_tf import ondevice
 from mmtl_tf.data import sources
-from mmtl_tf.ondevice import bench, onnx_edit, personal as personal_module
+from mmtl_tf import files as files_module
+from mmtl_tf.ondevice import bench, onnx_edit
 from mmtl_tf.ondevice import images as image_io
 from mmtl_tf.preprocessing import MAX_IMAGE_PIXELS, Preprocessing
 
@@ -404,7 +405,7 @@ def test_a_failed_save_keeps_the_previous_state_and_leaves_no_temporary_file(
     if failure == "onnx":
         monkeypatch.setattr(onnx_edit, "bake_initializers", fail)
     else:
-        monkeypatch.setattr(personal_module.os, "replace", fail)
+        monkeypatch.setattr(files_module.os, "replace", fail)  # the rename of atomic_write
     with pytest.raises(OSError, match="simulated crash"):
         other.save(path)
     monkeypatch.undo()

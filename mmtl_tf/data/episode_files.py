@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mmtl_tf.data.episodes import Episode, episode_dataset
+from mmtl_tf.files import atomic_write
 
 
 def draw_episodes(sampler, seed: int, num_episodes: int) -> Episode:
@@ -24,22 +23,9 @@ def draw_episodes(sampler, seed: int, num_episodes: int) -> Episode:
 
 def save_episodes(path, episodes: Episode, metadata: dict | None = None) -> Path:
     """Writes episodes (numpy, leading episode axis) and JSON metadata atomically to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {name: np.asarray(value) for name, value in episodes._asdict().items()}
     arrays["metadata"] = np.frombuffer(json.dumps(metadata or {}, sort_keys=True).encode(), np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_episodes(path) -> tuple[Episode, dict]:

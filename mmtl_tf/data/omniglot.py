@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from etils import epath
 
 from mmtl_tf.data import sources
 from mmtl_tf.data.class_images import ClassImages
+from mmtl_tf.files import atomic_write
 from mmtl_tf.preprocessing import Preprocessing, preprocess_array
 
 _LOG = logging.getLogger(__name__)
@@ -269,14 +269,7 @@ def _read_cache(path: Path, meta: dict) -> ClassImages | None:
 
 def _write_cache(path: Path, classes: ClassImages, meta: dict) -> None:
     """Writes a temporary file then renames it, so a reader never sees a partial cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            arrays = {k.name: getattr(classes, k.name) for k in dataclasses.fields(ClassImages)}
-            arrays["group_names"] = np.asarray(classes.group_names, dtype=str)
-            np.savez(f, meta=np.asarray(json.dumps(meta, sort_keys=True)), **arrays)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+    arrays = {k.name: getattr(classes, k.name) for k in dataclasses.fields(ClassImages)}
+    arrays["group_names"] = np.asarray(classes.group_names, dtype=str)
+    arrays["meta"] = np.asarray(json.dumps(meta, sort_keys=True))
+    atomic_write(path, lambda f: np.savez(f, **arrays))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import mmtl_tf
-from mmtl_tf.hashing import sha256
+from mmtl_tf.files import sha256
 
 _LOG = logging.getLogger(__name__)
 ENV_VAR = "MMTL_OMNIGLOT_DIR"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmtl_tf.hashing import sha256
+from mmtl_tf.files import sha256
 from mmtl_tf.preprocessing import Preprocessing
 
 MANIFEST = "manifest.json"

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +38,7 @@ import tf2onnx
 
 from mmtl_tf.export import tf2onnx_ops  # noqa: F401  (registers the gradient-op converters)
 from mmtl_tf.export.onnx_rewrite import OnnxExportError, canonicalise, split_reductions
+from mmtl_tf.files import atomic_write
 
 # The lowest opset every graph converts at: MaxPoolGrad (maxpool encoders) needs
 # ScatterElements with reduction="add", which is opset 16.
@@ -104,18 +103,8 @@ def verify(model: onnx.ModelProto, graph_name: str = "model") -> None:
 
 def write_onnx(model: onnx.ModelProto, path) -> Path:
     """Writes ``model`` atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; exported models are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    data = model.SerializeToString()
+    return atomic_write(path, lambda f: f.write(data))
 
 
 # ----- the graphs of an Exportable -------------------------------------------------------------

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from mmtl_tf.files import atomic_write
 from mmtl_tf.ondevice import images as image_io
 from mmtl_tf.ondevice import onnx_edit
 
@@ -120,26 +119,6 @@ class PersonalModel:
 def finite_or_none(values) -> list:
     """Floats for JSON: a non-finite loss becomes null (JSON has no NaN or Infinity)."""
     return [float(v) if v is not None and np.isfinite(v) else None for v in values]
-
-
-def atomic_write(path, write) -> Path:
-    """Calls ``write(binary file)`` on a temporary file beside ``path``, syncs it, then renames
-    it over ``path``; on any failure the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from the app's other users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def load_personal(export_folder, path, threads: int | None = None) -> PersonalModel:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mmtl_tf.hashing import sha256
+from mmtl_tf.files import sha256
 from mmtl_tf.ondevice import images as image_io
 from mmtl_tf.ondevice.personal import PersonalModel
 from mmtl_tf.preprocessing import Preprocessing

@@ -1,0 +1,39 @@
+"""File helpers shared by training, export and the device runtime (standard library only).
+
+``atomic_write`` is how every artifact is written (checkpoint metadata, caches, episode files,
+ONNX graphs, personal states): a reader sees the old file or the new one, never a partial one.
+"""
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path, write) -> Path:
+    """Calls ``write(binary file)`` on a temporary file beside ``path``, syncs it, then renames
+    it over ``path``; on any failure the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
