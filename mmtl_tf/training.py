@@ -117,16 +117,16 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     log_every = max(1, min(t.log_every, t.steps))
     history = []
     try:
-        fit = learner.fit(dataset, steps_per_epoch=log_every, epochs=max(1, t.steps // log_every),
-                          verbose=2, shuffle=False, callbacks=[_AtomicCheckpoint(workdir / CHECKPOINT), _History(history)])
+        learner.fit(dataset, steps_per_epoch=log_every, epochs=max(1, t.steps // log_every),
+                    verbose=2, shuffle=False,
+                    callbacks=[_AtomicCheckpoint(workdir / CHECKPOINT), _History(history)])
     except tf.errors.InvalidArgumentError as err:
         if NONFINITE_MARKER in str(err):
             raise NonFiniteLossError(str(err).split(NONFINITE_MARKER)[-1].split("\n")[0].strip(
                 " .[]") + f" -- last good checkpoint kept in {workdir}") from None
         raise
-    del fit
     calibrate_batch_norm(learner, train_sampler, config.data.seed)
-    _AtomicCheckpoint(workdir / CHECKPOINT).save(learner)
+    save_checkpoint(learner, workdir / CHECKPOINT)
     write_json(workdir / "history.json", history)
     episodes = draw_episodes(eval_sampler, t.eval_seed, t.eval_episodes)
     metrics = {"protocol": protocol, "ways": config.data.ways, "shots": config.data.shots,
@@ -180,20 +180,22 @@ def write_json(path: Path, value) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def save_checkpoint(model, path: Path) -> None:
+    """Saves weights to a temporary file, then renames it (Keras needs the .weights.h5 name)."""
+    tmp = path.with_name("checkpoint.tmp.weights.h5")
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+
+
 class _AtomicCheckpoint(keras.callbacks.Callback):
-    """Saves weights after every logging period to a temporary file, then renames it."""
+    """Saves the weights after every logging period (see save_checkpoint)."""
 
     def __init__(self, path: Path):
         super().__init__()
         self.path = path
 
     def on_epoch_end(self, epoch, logs=None):
-        self.save(self.model)
-
-    def save(self, model):
-        tmp = self.path.with_name("checkpoint.tmp.weights.h5")
-        model.save_weights(tmp)
-        os.replace(tmp, self.path)
+        save_checkpoint(self.model, self.path)
 
 
 class _History(keras.callbacks.Callback):
