@@ -73,7 +73,7 @@ class AdaptationModule(tf.Module):
         steps = tf.where(steps > 0, steps, self.default_steps)
         lrs = [tf.where(inner_lr > 0, tf.fill(tf.shape(lr), inner_lr), lr) for lr in self._values(self.lrs)]
         params = self._values(self.params)
-        params = params[:-2] + list(ex.loop.task_params(params, support_x, support_y, ex.spec.max_ways, mask)[-2:])
+        params = params[:-2] + list(ex.init_head(support_x, support_y, mask, params))
 
         def body(i, *ps):
             rates = lrs
