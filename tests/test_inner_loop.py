@@ -152,6 +152,37 @@ def test_first_order_gradient_is_the_query_gradient_at_the_adapted_weights(float
     assert difference > 1e-2 * size, "second order must differ from first order"
 
 
+
+def _graph_ops(fn, *args):
+    graph = fn.get_concrete_function(*args).graph.as_graph_def()
+    return {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+
+
+@pytest.mark.parametrize("transductive", [True, False])
+def test_fused_batch_norm_gives_the_elementwise_second_order_meta_gradient(transductive):
+    """The fast float32 path (FusedBatchNormV3, its registered gradient and gradient of the
+    gradient) against the element-wise path whose float64 twin matches finite differences."""
+    rng = np.random.default_rng(29)
+    encoder = _encoder("conv4")
+    task = _task("conv4", rng, np.float32)
+    theta = _meta_params(encoder, rng, np.float32)
+    loop = il.InnerLoop(encoder, "classification", "learned", transductive)
+    results = {}
+    for fused in (True, False):
+        for norm in encoder.norms:
+            norm.fused = fused
+        query_loss = _query_loss_fn(loop, task, lr=0.3)
+        ops = _graph_ops(query_loss, theta)
+        assert ("FusedBatchNormV3" in ops) == fused and ("FusedBatchNormGradV3" in ops) == fused
+        results[fused] = (float(query_loss(theta)), _tape_gradient(query_loss, theta))
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5)
+    # A bias before batch norm has a zero gradient: compare against the largest gradient, not
+    # against each tensor's own rounding noise.
+    scale = max(np.abs(g).max() for g in results[False][1])
+    for fused, plain in zip(results[True][1], results[False][1]):
+        np.testing.assert_allclose(fused, plain, rtol=2e-3, atol=1e-5 * scale)
+
+
 def _float32_setup(seed=11):
     rng = np.random.default_rng(seed)
     encoder = _encoder("conv4")

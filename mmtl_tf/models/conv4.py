@@ -7,6 +7,7 @@ to the task's N), so an encoder maps images to a feature vector and nothing more
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 
 @keras.saving.register_keras_serializable(package="mmtl_tf")
@@ -15,9 +16,51 @@ class ExactBatchNorm(keras.layers.BatchNormalization):
 
     Keras' unmasked moments are ``tf.nn.moments``, which stops that gradient: first derivatives
     stay right (the variance's derivative with respect to the mean is zero) but second
-    derivatives, which MAML's meta-gradient needs, do not. Masked moments (padded support sets)
-    are Keras' own and already exact.
+    derivatives, which MAML's meta-gradient needs, do not.
+
+    Training mode takes one of two paths, both exact to second order (finite-difference and
+    parity tests in tests/test_inner_loop.py):
+    - a float32 (B, H, W, C) batch without a mask (meta-training) goes through TensorFlow's
+      fused kernel (``FusedBatchNormV3``; its gradient and that gradient's gradient
+    are registered, so second-order MAML stays exact) instead of some thirty element-wise ops;
+    about twice as fast on CPU. The fused op's statistics outputs carry no gradient, so the
+    batch statistics written to the moving variables (which non-transductive adaptation feeds
+    to the query) are computed by ``_moments`` as before; when nothing reads them TensorFlow
+    prunes them;
+    - anything else (a mask, float64, ``fused=False``) goes through Keras with the exact
+      moments below; Keras' masked moments (padded support sets) are already exact.
     """
+
+    def __init__(self, fused: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.fused = bool(fused)
+
+    def get_config(self):
+        return {**super().get_config(), "fused": self.fused}
+
+    def call(self, inputs, training=None, mask=None):
+        if training and self.trainable and not self.renorm:
+            if mask is None and self._fusable(inputs):
+                return self._fused_call(inputs)
+        return super().call(inputs, training=training, mask=mask)
+
+    def _fusable(self, inputs) -> bool:
+        return (self.fused and len(inputs.shape) == 4 and self.axis in (-1, 3)
+                and keras.backend.result_type(inputs.dtype, "float32") == "float32")
+
+    def _fused_call(self, inputs):
+        x = keras.ops.cast(inputs, "float32")
+        mean, variance = self._moments(x, None)
+        momentum = self.momentum
+        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(self.moving_variance * momentum + variance * (1.0 - momentum))
+        channels = x.shape[-1]
+        gamma = self.gamma if self.scale else tf.ones([channels], x.dtype)
+        beta = self.beta if self.center else tf.zeros([channels], x.dtype)
+        outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            x, keras.ops.cast(gamma, x.dtype), keras.ops.cast(beta, x.dtype),
+            epsilon=self.epsilon, is_training=True)
+        return keras.ops.cast(outputs, self.compute_dtype)
 
     def _moments(self, inputs, mask):
         if mask is not None:
