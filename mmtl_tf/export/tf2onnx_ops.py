@@ -8,7 +8,7 @@ backward pass. Importing this module registers converters (``tf2onnx.handler.tf_
   ReluGrad               -> Where(features > 0, gradients, 0)
   RsqrtGrad              -> -0.5 * dy * y^3
   BiasAddGrad            -> ReduceSum over every axis but the channel axis
-  Conv2DBackpropFilter   -> a Conv of the transposed input with the transposed gradient
+  Conv2DBackpropFilter   -> strided Slices of the padded input (patches) and one Gemm
   MaxPoolGrad (opset 16) -> MaxPool indices + ScatterElements(reduction="add")
 
 Every converter emits default-domain ONNX operators only. Shapes must be static; a
@@ -143,31 +143,45 @@ class BiasAddGrad:
 
 @tf_op("Conv2DBackpropFilter")
 class Conv2DBackpropFilter:
-    """dW[kh, kw, ci, co] = sum_{n, oh, ow} x_pad[n, ci, kh*d + oh*s, kw*d + ow*s] * g[n, co, oh, ow]:
-    a Conv whose batch is ci (input as (Cin, N, H, W)), whose kernel is the gradient as
-    (Cout, N, OH, OW), with stride d and dilation s; then Slice to (KH, KW) and Transpose."""
+    """dW[kh, kw, ci, co] = sum_{n, oh, ow} x_pad[n, kh*d + oh*s, kw*d + ow*s, ci] * g[n, oh, ow, co]
+    as one matrix product: the KH*KW strided slices of the padded input, concatenated on the
+    channel axis, are the rows' patches (N*OH*OW, KH*KW*Cin) in the filter's (kh, kw, ci) order,
+    and Gemm(patches^T, g) is the filter gradient (KH*KW*Cin, Cout), reshaped to HWIO.
+
+    onnxruntime runs this 2-4x faster than the equivalent Conv with the gradient as a huge,
+    dilated kernel (measured on an adaptation step of Conv4 with five 28x28 images)."""
 
     @classmethod
     def version_13(cls, ctx, node, **kwargs):
         x, _, gradient = node.input
         nhwc = _nhwc(node)
-        kernel = _static(ctx, node, node.output[0], "the filter")[:2]
+        kernel = _static(ctx, node, node.output[0], "the filter")  # (KH, KW, Cin, Cout)
         sizes = _spatial(_static(ctx, node, x, "the input"), nhwc)
-        outputs = _spatial(_static(ctx, node, gradient, "the output gradient"), nhwc)
+        grad_shape = _static(ctx, node, gradient, "the output gradient")
+        outputs = _spatial(grad_shape, nhwc)
         strides = _spatial(list(node.get_attr_value("strides", [1, 1, 1, 1])), nhwc)
         dilations = _spatial(list(node.get_attr_value("dilations", [1, 1, 1, 1])), nhwc)
-        pads = _pads(node, sizes, outputs, kernel, strides, dilations, nhwc)
-        to_cnhw = [3, 0, 1, 2] if nhwc else [1, 0, 2, 3]
-        x_t = ctx.make_node("Transpose", [x], attr={"perm": to_cnhw}).output[0]
-        g_t = ctx.make_node("Transpose", [gradient], attr={"perm": to_cnhw}).output[0]
-        conv = ctx.make_node("Conv", [x_t, g_t], attr={
-            "strides": dilations, "dilations": strides, "pads": pads, "kernel_shape": outputs}).output[0]
-        full = [(n + p0 + p1 - ((k - 1) * s + 1)) // d + 1 for n, p0, p1, k, s, d in
-                zip(sizes, pads[:2], pads[2:], outputs, strides, dilations)]
-        if full != kernel:  # (Cin, Cout, KH', KW') with KH' >= KH: drop the extra rows
-            conv = GraphBuilder(ctx).make_slice(
-                {"data": conv, "starts": [0, 0], "ends": kernel, "axes": [2, 3]})
-        _replace(ctx, node, "Transpose", [conv], {"perm": [2, 3, 0, 1]})
+        pads = _pads(node, sizes, outputs, kernel[:2], strides, dilations, nhwc)
+        if not nhwc:
+            x = ctx.make_node("Transpose", [x], attr={"perm": _FROM_NCHW}).output[0]
+            gradient = ctx.make_node("Transpose", [gradient], attr={"perm": _FROM_NCHW}).output[0]
+        if any(pads):
+            x = ctx.make_node("Pad", [x, _const(ctx, node, "pads", [
+                0, pads[0], pads[1], 0, 0, pads[2], pads[3], 0], np.int64)]).output[0]
+        patches = []
+        for kh in range(kernel[0]):
+            for kw in range(kernel[1]):
+                starts = [kh * dilations[0], kw * dilations[1]]
+                ends = [b + (o - 1) * s + 1 for b, o, s in zip(starts, outputs, strides)]
+                patches.append(GraphBuilder(ctx).make_slice(
+                    {"data": x, "starts": starts, "ends": ends, "axes": [1, 2], "steps": strides}))
+        patches = ctx.make_node("Concat", patches, attr={"axis": 3}).output[0]  # (N, OH, OW, K*K*Cin)
+        rows = int(np.prod(grad_shape)) // kernel[3]
+        patches = ctx.make_node("Reshape", [patches, _const(ctx, node, "rows", [rows, -1], np.int64)]).output[0]
+        gradient = ctx.make_node("Reshape", [gradient, _const(
+            ctx, node, "grad_rows", [rows, kernel[3]], np.int64)]).output[0]
+        product = ctx.make_node("Gemm", [patches, gradient], attr={"transA": 1}).output[0]
+        _replace(ctx, node, "Reshape", [product, _const(ctx, node, "hwio", kernel, np.int64)])
 
 
 @tf_op("MaxPoolGrad")
