@@ -97,6 +97,47 @@ def meta_train_throughput(first_order: bool, meta_batch_size: int = 32, ways: in
             "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
+
+def plain_step_ceiling(meta_batch_size: int = 32, ways: int = 5, shots: int = 1,
+                       queries: int = 15, reps: int = 5) -> dict:
+    """Tasks per second that no MAML step of this configuration can beat with these kernels.
+
+    Second-order MAML must at least run every image of the meta-batch forward and back through
+    the network. This times exactly that and nothing more: one plain gradient of a cross-entropy
+    over all ``meta_batch_size * ways * (shots + queries)`` images at once, with shared weights,
+    one batched op per layer and fused batch norm (no inner loop, no per-task weights).
+    """
+    import keras
+    import tensorflow as tf
+
+    from mmtl_tf.models.conv4 import conv4_encoder
+
+    keras.utils.set_random_seed(0)
+    encoder = conv4_encoder(28)
+    head = keras.layers.Dense(ways)
+    head.build((None, encoder.feature_dim))
+    count = meta_batch_size * ways * (shots + queries)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(count, 28, 28, 1)).astype(np.float32))  # (images, 28, 28, 1)
+    y = tf.constant(np.arange(count) % ways)
+    variables = encoder.trainable_variables + head.trainable_variables
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            logits = head(encoder(x, training=True))
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+        return tape.gradient(loss, variables)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(reps):
+        step()
+    per_step = (time.perf_counter() - start) / reps
+    return {"images_per_step": count, "seconds_per_step": round(per_step, 4),
+            "tasks_per_second_ceiling": round(meta_batch_size / per_step, 2)}
+
+
 def _train_graph_size(learner, batch) -> int:
     """Nodes of the traced train step (with function bodies): it must not grow with tasks."""
     import tensorflow as tf

@@ -1,7 +1,8 @@
 """Speed and memory of mmtl_tf, printed as JSON.
 
   python pipelines/benchmark.py --data                 # episodes/s, one core
-  python pipelines/benchmark.py --engine               # meta-train tasks/s, trace s, peak RSS
+  python pipelines/benchmark.py --engine               # meta-train tasks/s, trace s, peak RSS,
+                                                       # and the plain-gradient ceiling
   python pipelines/benchmark.py --engine --peers-python ~/peer-venv/bin/python   # + PyTorch peers
   python pipelines/benchmark.py --device exported/omniglot-5w1s   # adapt + predict latency
 
@@ -33,6 +34,9 @@ def measure(kind: str, args) -> dict:
         ways, shots, queries = {"data-5w1s": (5, 1, 15), "data-20w5s": (20, 5, 15)}[kind]
         return {"benchmark": "episodes", "cores": 1, "split": "omniglot background",
                 **b.episode_throughput(classes, ways, shots, queries)}
+    if kind == "engine-ceiling":
+        return {"benchmark": "plain-gradient-ceiling", "cores": "all",
+                **b.plain_step_ceiling(meta_batch_size=args.meta_batch_size, reps=args.reps)}
     first_order = kind == "engine-fo"
     result = b.meta_train_throughput(first_order, meta_batch_size=args.meta_batch_size,
                                      jit_compile=args.jit_compile, reps=args.reps)
@@ -93,7 +97,7 @@ def main(argv=None):
         results += [child(f"{kind}-{size}", args) for size in ("5w1s", "20w5s")
                     for kind in ("device", "tf-adapt")]
     if args.engine:
-        results += [child("engine-so", args), child("engine-fo", args)]
+        results += [child("engine-so", args), child("engine-fo", args), child("engine-ceiling", args)]
         if args.peers_python:
             results += _peers(args, results)
     text = json.dumps({"results": results}, indent=2)
@@ -112,9 +116,14 @@ def _peers(args, ours):
         best = max(p["tasks_per_second"] for p in peers)
         mine = next(r["tasks_per_second"] for r in ours
                     if r.get("benchmark") == "meta-train" and r["first_order"] == first_order)
+        ceiling = next(r["tasks_per_second_ceiling"] for r in ours
+                       if r.get("benchmark") == "plain-gradient-ceiling")
         rows.append({"benchmark": "peers", "first_order": first_order, "peers": peers,
                      "best_peer_tasks_per_second": best, "mmtl_tf_tasks_per_second": mine,
-                     "ratio_to_best_peer": round(mine / best, 2)})
+                     "ratio_to_best_peer": round(mine / best, 2),
+                     "five_times_best_peer": round(5 * best, 2),
+                     "plain_gradient_ceiling": ceiling,
+                     "ceiling_ratio_to_best_peer": round(ceiling / best, 2)})
     return rows
 
 
