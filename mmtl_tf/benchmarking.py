@@ -120,14 +120,18 @@ def plain_step_ceiling(meta_batch_size: int = 32, ways: int = 5, shots: int = 1,
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(count, 28, 28, 1)).astype(np.float32))  # (images, 28, 28, 1)
     y = tf.constant(np.arange(count) % ways)
-    variables = encoder.trainable_variables + head.trainable_variables
+    params = [tf.convert_to_tensor(v) for v in encoder.trainable_variables + head.trainable_variables]
+    state = [v.value for v in encoder.non_trainable_variables]
 
     @tf.function
     def step():
+        # stateless: no batch statistics are written back, so none are computed beyond the kernel's
         with tf.GradientTape() as tape:
-            logits = head(encoder(x, training=True))
+            tape.watch(params)
+            features, _ = encoder.stateless_call(params[:-2], state, x, training=True)
+            logits = tf.matmul(features, params[-2]) + params[-1]
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-        return tape.gradient(loss, variables)
+        return tape.gradient(loss, params)
 
     step()
     start = time.perf_counter()
