@@ -196,6 +196,29 @@ def test_head_only_adaptation_changes_only_the_head(model, task):
     assert personal.support_losses[-1] < personal.support_losses[0] and personal.status == "ok"
 
 
+
+def test_a_full_step_from_a_zero_head_moves_only_the_head_as_the_head_step_does(model, task):
+    """Why adapt() may run head_step for a zero head's first step: the full step's encoder
+    update is exactly zero and its head update is the head step's."""
+    paths, labels = image_io.support_folder(task[0] / "support")
+    x = image_io.to_batch(paths, model.prep)
+    y = np.asarray([sorted(set(labels)).index(label) for label in labels], np.int32)
+    params = {**model.params, "head_w": np.zeros_like(model.params["head_w"]),
+              "head_b": np.zeros_like(model.params["head_b"])}
+    feeds = lambda graph: {**model._support(graph, x, y, len(set(labels))), **params,  # noqa: E731
+                           **model._step_lrs(model.lrs, 0)}
+    full_graph, head_graph = model.graph("adapt_step", len(y)), model.graph("head_step", len(y))
+    full = dict(zip(["loss"] + model.param_names, model.run(
+        full_graph, ["loss"] + ["new_" + n for n in model.param_names], feeds(full_graph))))
+    head = dict(zip(["loss", "head_w", "head_b"], model.run(
+        head_graph, ["loss", "new_head_w", "new_head_b"], feeds(head_graph))))
+    for name in model.param_names[:-2]:
+        np.testing.assert_array_equal(full[name], params[name], err_msg=name)
+    assert np.abs(head["head_w"]).max() > 0
+    for name in ("loss", "head_w", "head_b"):
+        np.testing.assert_allclose(full[name], head[name], rtol=0, atol=1e-6, err_msg=name)
+
+
 def test_cli_prints_each_query_with_its_class_and_probability(trained_export, task, cli, capsys):
     root, truth = task
     args = ["--model", str(trained_export.folder), "--support", str(root / "support")]

@@ -247,18 +247,24 @@ class ExportedModel:
         ``support_losses[k]`` is the support loss after k steps; the last one comes from a
         forward pass at the final parameters.
         """
-        stem = "head_step" if head_only else "adapt_step"
+        head = ("head_step", ["head_w", "head_b"])
+        stem, changed = head if head_only else ("adapt_step", self.param_names)
         name = self.graph(stem, len(y))
         support = self._support(name, x, y, len(class_names))
-        changed = ["head_w", "head_b"] if head_only else self.param_names
         losses, previous = [], None
         for step in range(steps):
-            loss, *new = self.run(name, ["loss"] + ["new_" + n for n in changed],
+            graph, outputs = name, changed
+            if not params["head_w"].any():
+                # A zero head passes a zero gradient to the encoder (d features = d logits @
+                # head_w^T), so a full step leaves the encoder exactly as it is: the head-only
+                # graph gives the same step for a fraction of the work (zero-head models' step 1).
+                graph, outputs = self.graph(head[0], len(y)), head[1]
+            loss, *new = self.run(graph, ["loss"] + ["new_" + n for n in outputs],
                                   {**support, **params, **self._step_lrs(lrs, step)})
             losses.append(float(loss))
             if not np.isfinite(loss):
                 return self._stopped(x, y, class_names, previous, step, losses)
-            previous, params = params, {**params, **dict(zip(changed, new))}
+            previous, params = params, {**params, **dict(zip(outputs, new))}
         personal = self._personal(x, y, class_names, params, steps, losses)
         personal.support_losses.append(personal.support_loss(x, y))
         if not np.isfinite(personal.support_losses[-1]):
