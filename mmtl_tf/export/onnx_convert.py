@@ -37,8 +37,8 @@ import tensorflow as tf
 import tf2onnx
 
 from mmtl_tf.export import tf2onnx_ops  # noqa: F401  (registers the gradient-op converters)
-from mmtl_tf.export.onnx_rewrite import (OnnxExportError, canonicalise, split_kernel_transposes,
-                                          split_reductions)
+from mmtl_tf.export.onnx_rewrite import (OnnxExportError, canonicalise, relu_masks_as_products,
+                                          split_kernel_transposes, split_reductions)
 from mmtl_tf.files import atomic_write
 
 # The lowest opset every graph converts at: MaxPoolGrad (maxpool encoders) needs
@@ -80,6 +80,7 @@ def to_onnx(fn, input_signature, output_names, opset: int = OPSET,
     _fix_interface(model, [s.name for s in specs], outputs, graph_name)
     split_reductions(model.graph)
     split_kernel_transposes(model)
+    relu_masks_as_products(model.graph)
     canonicalise(model, graph_name)
     verify(model, graph_name)
     return model

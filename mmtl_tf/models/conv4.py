@@ -28,7 +28,7 @@ class ExactBatchNorm(keras.layers.BatchNormalization):
     to the query) are computed by ``_moments`` as before; when nothing reads them TensorFlow
     prunes them;
     - anything else (a mask, float64, ``fused=False``) goes through Keras with the exact
-      moments below; Keras' masked moments (padded support sets) are already exact.
+      moments below (masked ones for padded support sets).
     """
 
     def __init__(self, fused: bool = True, **kwargs):
@@ -63,9 +63,17 @@ class ExactBatchNorm(keras.layers.BatchNormalization):
         return keras.ops.cast(outputs, self.compute_dtype)
 
     def _moments(self, inputs, mask):
-        if mask is not None:
-            return super()._moments(inputs, mask)
         axes = self._reduction_axes
+        if mask is not None:
+            # Weights (B, H, W, 1) broadcast over the channels; Keras' own masked moments
+            # broadcast the mask to the full (B, H, W, C) shape and select with where(), about
+            # a dozen more activation-sized operations in every exported adaptation step.
+            weights = keras.ops.expand_dims(keras.ops.cast(mask, inputs.dtype), -1)
+            count = keras.ops.sum(weights)
+            mean = keras.ops.sum(inputs * weights, axis=axes, keepdims=True) / count
+            variance = keras.ops.sum(keras.ops.square(inputs - mean) * weights, axis=axes,
+                                     keepdims=True) / count
+            return keras.ops.squeeze(mean, axes), keras.ops.squeeze(variance, axes)
         mean = keras.ops.mean(inputs, axis=axes, keepdims=True)
         variance = keras.ops.mean(keras.ops.square(inputs - mean), axis=axes, keepdims=True)
         return keras.ops.squeeze(mean, axes), keras.ops.squeeze(variance, axes)
