@@ -196,7 +196,6 @@ def test_head_only_adaptation_changes_only_the_head(model, task):
     assert personal.support_losses[-1] < personal.support_losses[0] and personal.status == "ok"
 
 
-
 def test_a_full_step_from_a_zero_head_moves_only_the_head_as_the_head_step_does(model, task):
     """Why adapt() may run head_step for a zero head's first step: the full step's encoder
     update is exactly zero and its head update is the head step's."""

@@ -210,6 +210,22 @@ def test_personalized_model_equals_predict_fed_the_adapted_params(models, episod
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+def test_support_logits_are_predict_on_the_support_set_with_its_statistics(models, episodes):
+    """The device takes its final support loss from support_stats' logits instead of a second
+    pass through predict: the real rows must be predict's logits under the returned statistics."""
+    ex, graphs = models["support_stats"]
+    run = Runner(graphs, "enable_all")
+    episode = episodes[3, 2]
+    support = _padded(episode.support_x, episode.support_y, np.random.default_rng(4))
+    params = list(_onnx_adapt(run, ex, support, 2))[-1]
+    out = run("support_stats", **support, **params)
+    rows = len(episode.support_y)
+    assert out["support_logits"].shape == (MAX_WAYS * MAX_SHOTS, MAX_WAYS)
+    want = run("predict", images=episode.support_x, **params, **out)["logits"]
+    np.testing.assert_allclose(out["support_logits"][:rows], want, rtol=0, atol=1e-5)
+    assert np.abs(want).max() > 1e-2  # a zero head would make any two logits equal
+
+
 @pytest.mark.parametrize("kind", ["transductive", "support_stats"])
 def test_meta_init_is_predict_at_the_meta_parameters(models, kind):
     ex, graphs = models[kind]
@@ -239,7 +255,7 @@ def test_every_graph_is_plain_checked_onnx_with_the_exact_interface(models):
         assert inputs("init_head") == [*support, *ex.names]
         assert outputs("init_head") == ["new_head_w", "new_head_b"]
         if stats:
-            assert outputs("support_stats") == ex.bn
+            assert outputs("support_stats") == [*ex.bn, "support_logits"]
     assert onnx_convert.graph_names(models["transductive"][0]) == [
         "predict", "adapt_step", "head_step", "init_head", "meta_init"]
 

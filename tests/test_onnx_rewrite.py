@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from mmtl_tf.export.onnx_rewrite import relu_masks_as_products, split_kernel_transposes
+from mmtl_tf.export.onnx_rewrite import split_kernel_transposes
 
 
 def _model(nodes, inputs, outputs, initializers=()):
@@ -50,34 +50,3 @@ def test_other_transposes_are_left_alone():
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 5, 3])])
     split_kernel_transposes(model)
     assert _ops(model) == ["Transpose"]
-
-
-def _relu_grad_model(other: float, source: str = "Relu"):
-    """Where(Greater(source(z), 0), dy, other): tf2onnx's ReLU gradient when other == 0."""
-    nodes = [helper.make_node(source, ["z"], ["a"]),
-             helper.make_node("Greater", ["a", "zero"], ["mask"]),
-             helper.make_node("Where", ["mask", "dy", "other"], ["dz"])]
-    consts = [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-              numpy_helper.from_array(np.array(other, np.float32), "other")]
-    spec = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 6]) for n in ("z", "dy")]
-    return _model(nodes, spec, [helper.make_tensor_value_info("dz", TensorProto.FLOAT, [4, 6])],
-                  consts)
-
-
-def test_relu_gradient_becomes_a_product_with_the_same_values():
-    rng = np.random.default_rng(1)
-    feeds = {"z": rng.normal(size=(4, 6)).astype(np.float32),
-             "dy": rng.normal(size=(4, 6)).astype(np.float32)}
-    model = _relu_grad_model(0.0)
-    before = _run(model, feeds)
-    relu_masks_as_products(model.graph)
-    onnx.checker.check_model(model)
-    assert "Where" not in _ops(model) and "Mul" in _ops(model)
-    np.testing.assert_array_equal(_run(model, feeds), before)
-    np.testing.assert_array_equal(before, np.where(feeds["z"] > 0, feeds["dy"], 0))
-
-
-def test_where_with_another_fill_or_another_condition_is_left_alone():
-    for model in (_relu_grad_model(1.0), _relu_grad_model(0.0, source="Neg")):
-        relu_masks_as_products(model.graph)
-        assert "Where" in _ops(model)

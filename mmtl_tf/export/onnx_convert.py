@@ -12,7 +12,8 @@ converting the same function twice gives byte-identical files.
 ``export_graphs`` builds the graphs a device needs from an ``Exportable`` (file stem -> model):
 
   predict        images (B, S, S, C) with any B, params[, bn stats] -> logits (B, max_ways)
-  support_stats  support_images, sample_mask, params -> bn stats  (non-transductive models only)
+  support_stats  support_images, sample_mask, params -> bn stats, support_logits
+                 (non-transductive models only)
   adapt_step     support_images, support_labels, sample_mask, class_mask, params, lrs
                  -> loss, new_<param> for every param
   head_step      same inputs -> loss, new_head_w, new_head_b
@@ -37,8 +38,8 @@ import tensorflow as tf
 import tf2onnx
 
 from mmtl_tf.export import tf2onnx_ops  # noqa: F401  (registers the gradient-op converters)
-from mmtl_tf.export.onnx_rewrite import (OnnxExportError, canonicalise, relu_masks_as_products,
-                                          split_kernel_transposes, split_reductions)
+from mmtl_tf.export.onnx_rewrite import (OnnxExportError, canonicalise, split_kernel_transposes,
+                                          split_reductions)
 from mmtl_tf.files import atomic_write
 
 # The lowest opset every graph converts at: MaxPoolGrad (maxpool encoders) needs
@@ -80,7 +81,6 @@ def to_onnx(fn, input_signature, output_names, opset: int = OPSET,
     _fix_interface(model, [s.name for s in specs], outputs, graph_name)
     split_reductions(model.graph)
     split_kernel_transposes(model)
-    relu_masks_as_products(model.graph)
     canonicalise(model, graph_name)
     verify(model, graph_name)
     return model
@@ -125,9 +125,11 @@ def _predict(ex):
 
 
 def _support_stats(ex):
+    # The support logits give the device its support loss after the last step without a second
+    # pass through the encoder.
     x, _, mask = _support_specs(ex)
-    fn = lambda support_x, mask, *params: ex.support_stats(support_x, mask, params)  # noqa: E731
-    return fn, [x, mask, *ex.param_specs()], list(ex.bn)
+    fn = lambda support_x, mask, *params: ex.support_stats(support_x, mask, params, True)  # noqa: E731
+    return fn, [x, mask, *ex.param_specs()], [*ex.bn, "support_logits"]
 
 
 def _step(method, outputs):

@@ -2,8 +2,8 @@
 
 onnxruntime sums a multi-axis reduction sequentially in float32, which cost batch-norm moments
 3e-5 of relative precision; ``split_reductions`` makes it one reduction per axis.
-``split_kernel_transposes`` and ``relu_masks_as_products`` replace two of tf2onnx's patterns that
-onnxruntime runs slowly by equal ones it runs fast (the adaptation step runs them on every call).
+``split_kernel_transposes`` replaces a transpose that onnxruntime runs slowly by an equal pair
+it runs fast (the adaptation step transposes every kernel on every call).
 tf2onnx names the nodes it creates with a process-wide counter; ``canonicalise`` renames and
 orders them so that converting the same function twice gives byte-identical files.
 """
@@ -105,41 +105,6 @@ def split_kernel_transposes(model):
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(added)
-
-
-def relu_masks_as_products(graph):
-    """Rewrites tf2onnx's ReLU gradient, Where(Greater(Relu(z), 0), dy, 0), as dy * float(mask).
-
-    onnxruntime's Where broadcasting the scalar zero took ~45 us per 5x14x14x64 gradient (one
-    core), the Cast and Mul ~10 us; -0.14 ms per 5-way 1-shot adaptation step. The two differ
-    only where dy is inf or NaN on an inactive unit (NaN instead of 0), and a non-finite
-    gradient already stops the adaptation.
-    """
-    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-
-    def relu_mask(name):
-        node = producer.get(name)
-        if node is None or node.op_type != "Greater":
-            return False
-        source, zero = producer.get(node.input[0]), consts.get(node.input[1])
-        return (source is not None and source.op_type == "Relu" and zero is not None
-                and zero.size == 1 and float(zero.reshape(-1)[0]) == 0.0)
-
-    nodes = []
-    for node in graph.node:
-        other = consts.get(node.input[2]) if node.op_type == "Where" else None
-        if other is None or other.size != 1 or float(other.reshape(-1)[0]) != 0.0 \
-                or not relu_mask(node.input[0]):
-            nodes.append(node)
-            continue
-        mask = node.output[0] + "/as_float"
-        nodes.append(onnx.helper.make_node("Cast", [node.input[0]], [mask], name=mask,
-                                           to=onnx.TensorProto.FLOAT))
-        nodes.append(onnx.helper.make_node("Mul", [node.input[1], mask], [node.output[0]],
-                                           name=node.name))
-    del graph.node[:]
-    graph.node.extend(nodes)
 
 
 def _static_shapes(model) -> dict:

@@ -106,9 +106,12 @@ class Exportable:
         """Logits (B, max_ways) at ``params``; bn_state None means batch statistics."""
         return self.loop.logits(list(params), images, bn_state=None if bn_state is None else list(bn_state))
 
-    def support_stats(self, support_x, sample_mask, params):
-        """Batch-norm statistics of the real support rows at ``params``."""
-        _, state = self.loop.features(list(params)[:-2], support_x, sample_mask=sample_mask)
+    def support_stats(self, support_x, sample_mask, params, with_logits: bool = False):
+        """Batch-norm statistics of the real support rows at ``params``; ``with_logits`` adds
+        the support set's logits (rows, max_ways) under those statistics, from the same pass."""
+        features, state = self.loop.features(list(params)[:-2], support_x, sample_mask=sample_mask)
+        if with_logits:
+            return [*state, self.loop.head_outputs(list(params), features)]
         return list(state)
 
     def adapt_step(self, support_x, support_y, sample_mask, class_mask, params, lrs):

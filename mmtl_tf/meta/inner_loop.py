@@ -61,12 +61,16 @@ class InnerLoop:
         then behaves exactly like the head sliced to its active classes.
         """
         features, _ = self.features(params[:-2], x, bn_state, sample_mask)
-        # Under mixed precision the encoder computes in (b)float16; the head and loss stay float32.
-        features = tf.cast(features, params[-2].dtype)
-        outputs = tf.matmul(features, params[-2]) + params[-1]
+        outputs = self.head_outputs(params, features)
         if class_mask is not None:
             outputs = tf.where(class_mask > 0, outputs, tf.constant(-1e9, outputs.dtype))
         return outputs
+
+    @staticmethod
+    def head_outputs(params, features):
+        """The linear head (params[-2], params[-1]) applied to encoder features (B, F)."""
+        # Under mixed precision the encoder computes in (b)float16; the head and loss stay float32.
+        return tf.matmul(tf.cast(features, params[-2].dtype), params[-2]) + params[-1]
 
     def loss(self, outputs, targets, sample_mask=None):
         """Mean loss of one task; classification labels are int (B,), regression targets (B, 1).

@@ -30,6 +30,15 @@ class PersonalStateError(ValueError):
     """A saved personal state is unreadable or belongs to another meta-initialisation."""
 
 
+def cross_entropy(logits, y) -> float:
+    """Mean cross-entropy of logits (S, N) with integer labels y (S,), in float64."""
+    logits = np.asarray(logits, np.float64)
+    with np.errstate(all="ignore"):  # non-finite logits give a non-finite loss, checked later
+        top = logits.max(axis=1, keepdims=True)
+        log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        return float(np.mean(log_z - logits[np.arange(len(y)), y]))
+
+
 class PersonalModel:
     """The parameters adapted to one user's classes.
 
@@ -73,11 +82,7 @@ class PersonalModel:
 
     def support_loss(self, x, y) -> float:
         """Mean cross-entropy of preprocessed support images x (S, ...) with labels y (S,)."""
-        logits = self.logits(x).astype(np.float64)
-        with np.errstate(all="ignore"):  # non-finite logits give a non-finite loss, checked later
-            top = logits.max(axis=1, keepdims=True)
-            log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-            return float(np.mean(log_z - logits[np.arange(len(y)), y]))
+        return cross_entropy(self.logits(x), y)
 
     # ----- the saved state --------------------------------------------------------------------
     def personalized_onnx(self) -> bytes:

@@ -4,7 +4,8 @@
 exported graphs the way ``Exportable.adapt`` (``mmtl_tf/export/signatures.py``) defines them:
 pad the support set to a size bucket, start from the meta-initialisation with the head from
 ``init_head``, chain ``adapt_step`` ``steps`` times, and (non-transductive models) compute the
-batch-norm statistics of the support set at the final parameters. The result is a
+batch-norm statistics of the support set at the final parameters, with the support logits that
+give the final support loss. The result is a
 ``PersonalModel`` (``mmtl_tf.ondevice.personal``).
 """
 
@@ -20,7 +21,7 @@ import onnxruntime as ort
 
 from mmtl_tf.files import sha256
 from mmtl_tf.ondevice import images as image_io
-from mmtl_tf.ondevice.personal import PersonalModel
+from mmtl_tf.ondevice.personal import PersonalModel, cross_entropy
 from mmtl_tf.preprocessing import Preprocessing
 
 MANIFEST = "manifest.json"
@@ -270,8 +271,9 @@ class ExportedModel:
             if not np.isfinite(loss):
                 return self._stopped(x, y, class_names, previous, step, losses)
             previous, params = params, {**params, **dict(zip(outputs, new))}
-        personal = self._personal(x, y, class_names, params, steps, losses)
-        personal.support_losses.append(personal.support_loss(x, y))
+        bn, loss = self._support_state(x, y, len(class_names), params)
+        personal = PersonalModel(self, list(class_names), params, bn, steps, list(losses), "ok")
+        personal.support_losses.append(personal.support_loss(x, y) if loss is None else loss)
         if not np.isfinite(personal.support_losses[-1]):
             return self._stopped(x, y, class_names, previous, steps, personal.support_losses)
         return personal
@@ -287,9 +289,18 @@ class ExportedModel:
         return self._personal(x, y, class_names, previous, step - 1, losses, status)
 
     def _personal(self, x, y, class_names, params, steps_run, losses, status="ok") -> PersonalModel:
-        bn = None
-        if not self.transductive:
-            name = self.graph("support_stats", len(y))
-            support = self._support(name, x, y, len(class_names))
-            bn = dict(zip(self.bn_names, self.run(name, self.bn_names, {**support, **params})))
+        bn, _ = self._support_state(x, y, len(class_names), params)
         return PersonalModel(self, list(class_names), params, bn, steps_run, list(losses), status)
+
+    def _support_state(self, x, y, ways: int, params):
+        """(support batch-norm statistics, support loss at ``params``) of a non-transductive
+        model, both from one support_stats run; the loss is None when the graph does not give
+        the support logits (exports before they were added). (None, None) if transductive."""
+        if self.transductive:
+            return None, None
+        name = self.graph("support_stats", len(y))
+        with_logits = "support_logits" in {o.name for o in self.session(name).get_outputs()}
+        values = self.run(name, self.bn_names + ["support_logits"] * with_logits,
+                          {**self._support(name, x, y, ways), **params})
+        loss = cross_entropy(values[-1][:len(y), :ways], y) if with_logits else None
+        return dict(zip(self.bn_names, values)), loss
