@@ -196,6 +196,18 @@ def test_head_only_adaptation_changes_only_the_head(model, task):
     assert personal.support_losses[-1] < personal.support_losses[0] and personal.status == "ok"
 
 
+def test_the_fused_first_two_steps_give_the_step_by_step_result(model, task, monkeypatch):
+    fused = model.adapt_folder(task[0] / "support", steps=4)
+    assert any(name.startswith("head_then_adapt_step") for name in model._sessions)
+    monkeypatch.setattr(model, "_has", lambda stem: False)  # as an export without the graph
+    plain = model.adapt_folder(task[0] / "support", steps=4)
+    np.testing.assert_allclose(fused.support_losses, plain.support_losses, rtol=0, atol=1e-6)
+    for name in model.param_names:
+        np.testing.assert_allclose(fused.params[name], plain.params[name], rtol=0, atol=1e-6,
+                                   err_msg=name)
+    assert fused.steps_run == plain.steps_run == 4 and len(fused.support_losses) == 5
+
+
 def test_a_full_step_from_a_zero_head_moves_only_the_head_as_the_head_step_does(model, task):
     """Why adapt() may run head_step for a zero head's first step: the full step's encoder
     update is exactly zero and its head update is the head step's."""

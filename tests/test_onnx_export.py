@@ -32,8 +32,9 @@ KINDS = {"transductive": (True, "learned", "none"),
          "metasgd": (True, "zero", "per_element"),
          "proto": (False, "proto", "none")}
 GRAPHS = {"transductive": ["predict", "adapt_step", "head_step", "init_head", "meta_init"],
-          "support_stats": ["predict", "support_stats", "adapt_step", "init_head", "meta_init"],
-          "metasgd": ["predict", "adapt_step", "init_head"],
+          "support_stats": ["predict", "support_stats", "adapt_step", "head_step", "init_head",
+                            "head_then_adapt_step", "meta_init"],
+          "metasgd": ["predict", "adapt_step", "head_step", "init_head", "head_then_adapt_step"],
           "proto": ["predict", "support_stats", "adapt_step", "init_head"]}
 
 SMALL2_ZIP = sources.shared_data_dir() / "images_background_small2.zip"
@@ -192,6 +193,32 @@ def test_head_step_matches_tensorflow(models, episodes):
                                           ex.params, ex.initial_lrs())
     for name, want in (("loss", loss), ("new_head_w", head_w), ("new_head_b", head_b)):
         np.testing.assert_allclose(got[name], want.numpy(), rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("kind", ["support_stats", "metasgd"])
+def test_head_then_adapt_step_is_the_two_steps_on_one_forward_pass(models, episodes, kind):
+    ex, graphs = models[kind]
+    run = Runner(graphs, "disable_all")
+    episode = episodes[5, 1]
+    support = _padded(episode.support_x, episode.support_y, np.random.default_rng(6))
+    params = {n: p.numpy() for n, p in zip(ex.names, ex.params)}
+    params["head_w"], params["head_b"] = np.zeros_like(params["head_w"]), np.zeros_like(params["head_b"])
+    rates = {"lr_" + n: np.asarray(lr) for n, lr in zip(ex.names, ex.initial_lrs())}
+    later = {k: np.asarray(0.5 * v, np.float32) for k, v in rates.items()}  # mixed-up inputs show
+    fused = run("head_then_adapt_step", **support, **params, **rates,
+                **{"next_" + k: v for k, v in later.items()})
+    first = run("head_step", **support, **params, **rates)
+    middle = {**params, "head_w": first["new_head_w"], "head_b": first["new_head_b"]}
+    second = run("adapt_step", **support, **middle, **later)
+    pairs = [("loss", first["loss"]), ("head_w_1", first["new_head_w"]),
+             ("head_b_1", first["new_head_b"]), ("next_loss", second["loss"])]
+    pairs += [("new_" + n, second["new_" + n]) for n in ex.names]
+    for name, want in pairs:
+        np.testing.assert_allclose(fused[name], want, rtol=0, atol=1e-6, err_msg=name)
+    assert np.abs(second["new_head_w"] - middle["head_w"]).max() > 1e-4  # the second step moved
+    # The encoder forward pass (most of head_step) is converted once, not twice.
+    sizes = {g: len(graphs[g].graph.node) for g in ("head_then_adapt_step", "head_step", "adapt_step")}
+    assert sizes["head_then_adapt_step"] < sizes["adapt_step"] + sizes["head_step"] // 2, sizes
 
 
 @pytest.mark.parametrize("kind", ["transductive", "support_stats"])

@@ -70,7 +70,7 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | N
 
 
 SUPPORT_BUCKETS = (5, 25)  # support rows of the smaller adaptation graphs (5-way 1-shot, 5x5)
-BUCKET_GRAPHS = ("adapt_step", "head_step", "init_head", "support_stats")
+BUCKET_GRAPHS = ("adapt_step", "head_step", "init_head", "support_stats", "head_then_adapt_step")
 
 
 def _bucket_graphs(learner, spec, opset) -> dict:

@@ -19,6 +19,8 @@ converting the same function twice gives byte-identical files.
   head_step      same inputs -> loss, new_head_w, new_head_b
   init_head      support_images, support_labels, sample_mask, params -> new_head_w, new_head_b
                  (not "head_w": an ONNX value cannot share its name with the head_w input)
+  head_then_adapt_step  adapt_step's inputs and next_lr_<param> -> loss, head_w_1, head_b_1,
+                 next_loss, new_<param>: head_step then adapt_step (zero-head models only)
   meta_init      images -> logits with the meta-learned weights baked in
 
 Inputs and outputs carry exactly the names of ``signatures`` (param_names, bn_names; learning rates are lr_<param>).
@@ -147,6 +149,21 @@ def _step(method, outputs):
     return build
 
 
+def _head_then_adapt_step(ex):
+    n = len(ex.params)
+    class_mask = tf.TensorSpec([ex.spec.max_ways], tf.float32, "class_mask")
+    next_lrs = [tf.TensorSpec(s.shape, s.dtype, "next_" + s.name) for s in ex.lr_specs()]
+
+    def fn(support_x, support_y, sample_mask, class_mask, *rest):
+        loss, head, next_loss, new = ex.head_then_adapt_step(
+            support_x, support_y, sample_mask, class_mask, rest[:n], rest[n:2 * n], rest[2 * n:])
+        return [loss, *head, next_loss, *new]
+
+    names = ["loss", "head_w_1", "head_b_1", "next_loss"] + ["new_" + p for p in ex.names]
+    specs = [*_support_specs(ex), class_mask, *ex.param_specs(), *ex.lr_specs(), *next_lrs]
+    return fn, specs, names
+
+
 def _init_head(ex):
     fn = lambda x, y, mask, *params: list(ex.init_head(x, y, mask, params))  # noqa: E731
     return fn, [*_support_specs(ex), *ex.param_specs()], ["new_head_w", "new_head_b"]
@@ -154,7 +171,7 @@ def _init_head(ex):
 
 BUILDERS = {"predict": _predict, "support_stats": _support_stats,
             "adapt_step": _step("adapt_step", None), "head_step": _step("head_step", ["head_w", "head_b"]),
-            "init_head": _init_head}
+            "init_head": _init_head, "head_then_adapt_step": _head_then_adapt_step}
 
 
 def graph_names(exportable) -> list[str]:
@@ -162,6 +179,8 @@ def graph_names(exportable) -> list[str]:
     names = list(BUILDERS) + ["meta_init"]
     if exportable.spec.transductive or not exportable.bn:
         names.remove("support_stats")  # predict normalises with batch statistics: no stats needed
+    if exportable.learner.config.head_init != "zero":
+        names.remove("head_then_adapt_step")  # only a zero head's first step is a head step
     return names
 
 

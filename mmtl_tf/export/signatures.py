@@ -127,6 +127,19 @@ class Exportable:
                                    sample_mask, class_mask)
         return loss, new[-2:]
 
+    def head_then_adapt_step(self, support_x, support_y, sample_mask, class_mask, params, lrs,
+                             next_lrs):
+        """``head_step`` then ``adapt_step`` (rates ``next_lrs``) in one graph: a zero head's
+        first step (see the device runtime) and the step after it run the encoder forward on
+        the same encoder parameters, and the converted graph computes it once (canonicalise
+        merges identical nodes). Returns (loss, (head_w, head_b) after the first step, loss
+        after it, params after both)."""
+        loss, head = self.head_step(support_x, support_y, sample_mask, class_mask, params, lrs)
+        middle = [*list(params)[:-2], *head]
+        next_loss, new = self.adapt_step(support_x, support_y, sample_mask, class_mask, middle,
+                                         next_lrs)
+        return loss, head, next_loss, new
+
     def init_head(self, support_x, support_y, sample_mask, params):
         """The head a task starts from (max_ways wide): the meta-learned one, zeros, or
         prototypes of the support set (by head_init). Returns (head_w, head_b)."""

@@ -155,6 +155,9 @@ class ExportedModel:
             inputs[spec.name] = np.asarray(feeds[spec.name], _ORT_DTYPES.get(spec.type, np.float32))
         return session.run(outputs, inputs)
 
+    def _has(self, stem: str) -> bool:
+        return stem in self.manifest["graphs"]
+
     def support_rows(self, name: str) -> int:
         """Rows of the padded support set graph ``name`` takes."""
         spec = next(i for i in self.session(name).get_inputs() if i.name == "support_images")
@@ -257,20 +260,33 @@ class ExportedModel:
         stem, changed = head if head_only else ("adapt_step", self.param_names)
         name = self.graph(stem, len(y))
         support = self._support(name, x, y, len(class_names))
-        losses, previous = [], None
-        for step in range(steps):
-            graph, outputs = name, changed
+        losses, previous, step = [], None, 0
+        while step < steps:
+            graph, outputs, done = name, changed, 1
             if not params["head_w"].any():
                 # A zero head passes a zero gradient to the encoder (d features = d logits @
                 # head_w^T), so a full step leaves the encoder exactly as it is: the head-only
-                # graph gives the same step for a fraction of the work (zero-head models' step 1).
+                # graph gives the same step for a fraction of the work (zero-head models' step 1),
+                # and head_then_adapt_step also takes the next full step on the same forward pass.
                 graph, outputs = self.graph(head[0], len(y)), head[1]
-            loss, *new = self.run(graph, ["loss"] + ["new_" + n for n in outputs],
-                                  {**support, **params, **self._step_lrs(lrs, step)})
-            losses.append(float(loss))
-            if not np.isfinite(loss):
-                return self._stopped(x, y, class_names, previous, step, losses)
-            previous, params = params, {**params, **dict(zip(outputs, new))}
+                if not head_only and steps - step >= 2 and self._has("head_then_adapt_step"):
+                    graph, done = self.graph("head_then_adapt_step", len(y)), 2
+            feeds = {**support, **params, **self._step_lrs(lrs, step)}
+            if done == 1:
+                loss, *new = self.run(graph, ["loss"] + ["new_" + n for n in outputs], feeds)
+                results = [(loss, dict(zip(outputs, new)))]
+            else:
+                next_lrs = {"next_" + k: v for k, v in self._step_lrs(lrs, step + 1).items()}
+                loss, head_w, head_b, next_loss, *new = self.run(
+                    graph, ["loss", "head_w_1", "head_b_1", "next_loss"] +
+                    ["new_" + n for n in self.param_names], {**feeds, **next_lrs})
+                results = [(loss, {"head_w": head_w, "head_b": head_b}),
+                           (next_loss, dict(zip(self.param_names, new)))]
+            for loss, update in results:
+                losses.append(float(loss))
+                if not np.isfinite(loss):
+                    return self._stopped(x, y, class_names, previous, step, losses)
+                previous, params, step = params, {**params, **update}, step + 1
         bn, loss = self._support_state(x, y, len(class_names), params)
         personal = PersonalModel(self, list(class_names), params, bn, steps, list(losses), "ok")
         personal.support_losses.append(personal.support_loss(x, y) if loss is None else loss)
