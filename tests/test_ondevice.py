@@ -490,8 +490,8 @@ def test_device_latency_reports_medians(trained_export):
 
 
 def test_the_smallest_support_bucket_that_fits_is_chosen(tmp_path):
-    stub = object.__new__(ondevice.ExportedModel)  # graph() reads only these three attributes
-    stub.folder, stub.max_support = tmp_path, 100
+    stub = object.__new__(ondevice.ExportedModel)  # graph() reads only these four attributes
+    stub.folder, stub.max_support, stub._graph_names = tmp_path, 100, {}
     stub.manifest = {"graphs": dict.fromkeys(["adapt_step", "adapt_step_s25", "adapt_step_s5",
                                               "init_head"])}
     chosen = [stub.graph("adapt_step", rows) for rows in (1, 5, 6, 25, 26, 100)]

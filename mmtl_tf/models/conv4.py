@@ -65,14 +65,25 @@ class ExactBatchNorm(keras.layers.BatchNormalization):
     def _moments(self, inputs, mask):
         axes = self._reduction_axes
         if mask is not None:
-            # Weights (B, H, W, 1) broadcast over the channels; Keras' own masked moments
-            # broadcast the mask to the full (B, H, W, C) shape and select with where(), about
-            # a dozen more activation-sized operations in every exported adaptation step.
+            # The mask may be constant along axes (size 1 there: Conv4 passes (B, 1, 1) per-row
+            # masks): those axes are summed first and the weights multiply the partial sums, so
+            # no activation-sized tensor is ever multiplied by the mask. Keras' own masked
+            # moments broadcast the mask to (B, H, W, C) and select with where(): about a dozen
+            # more activation-sized operations in every exported adaptation step.
             weights = keras.ops.expand_dims(keras.ops.cast(mask, inputs.dtype), -1)
+            first = [a for a in axes if weights.shape[a] == 1 and inputs.shape[a] != 1]
+            shape = keras.ops.shape(inputs)
             count = keras.ops.sum(weights)
-            mean = keras.ops.sum(inputs * weights, axis=axes, keepdims=True) / count
-            variance = keras.ops.sum(keras.ops.square(inputs - mean) * weights, axis=axes,
-                                     keepdims=True) / count
+            for a in first:
+                count = count * keras.ops.cast(shape[a], inputs.dtype)
+
+            def masked_sum(values):
+                if first:
+                    values = keras.ops.sum(values, axis=first, keepdims=True)
+                return keras.ops.sum(values * weights, axis=axes, keepdims=True)
+
+            mean = masked_sum(inputs) / count
+            variance = masked_sum(keras.ops.square(inputs - mean)) / count
             return keras.ops.squeeze(mean, axes), keras.ops.squeeze(variance, axes)
         mean = keras.ops.mean(inputs, axis=axes, keepdims=True)
         variance = keras.ops.mean(keras.ops.square(inputs - mean), axis=axes, keepdims=True)
@@ -131,9 +142,8 @@ class Conv4(keras.Model):
         for conv, norm in zip(self.convs, self.norms):
             h = conv(h)
             mask = None
-            if sample_mask is not None:  # (B,) -> (B, H, W), as BatchNormalization expects
-                mask = sample_mask[:, None, None] > 0
-                mask = keras.ops.broadcast_to(mask, keras.ops.shape(h)[:3])
+            if sample_mask is not None:  # (B,) -> (B, 1, 1): one dimension less than h, as
+                mask = sample_mask[:, None, None] > 0  # BatchNormalization expects; see _moments
             h = keras.ops.relu(norm(h, training=training, mask=mask))
             if self.downsample == "maxpool":
                 h = keras.ops.max_pool(h, 2, 2, padding="same")
