@@ -1,7 +1,7 @@
 """The exported computations as plain ONNX: converted, checked, reproducible.
 
 ``to_onnx`` converts a TensorFlow function with tf2onnx (after registering the gradient-op
-converters of ``tf2onnx_ops``) and refuses to return a model that a stock onnxruntime cannot
+converters of ``tf2onnx_ops`` and ``tf2onnx_conv``) and refuses to return a model that a stock onnxruntime cannot
 run: any op tf2onnx reports as unsupported or fails to convert raises ``OnnxExportError`` naming
 the ops, and every model passes ``onnx.checker`` (full check), uses default-domain operators only
 and loads in onnxruntime. Reductions over several axes are split into one per axis (onnxruntime
@@ -39,7 +39,7 @@ import onnxruntime
 import tensorflow as tf
 import tf2onnx
 
-from mmtl_tf.export import tf2onnx_ops  # noqa: F401  (registers the gradient-op converters)
+from mmtl_tf.export import tf2onnx_conv, tf2onnx_ops  # noqa: F401  (register the converters)
 from mmtl_tf.export.onnx_rewrite import (OnnxExportError, canonicalise, split_kernel_transposes,
                                           split_reductions)
 from mmtl_tf.files import atomic_write
@@ -274,7 +274,7 @@ def _raise_on_failures(graph_name, messages):
     if lines or any(m.startswith("Unsupported ops") for m in messages):
         raise OnnxExportError(
             f"tf2onnx could not convert {graph_name!r}: ops {ops} are unsupported or their "
-            "converter failed (converters: mmtl_tf/export/tf2onnx_ops.py):\n  " + "\n  ".join(lines), ops)
+            "converter failed (converters: mmtl_tf/export/tf2onnx_ops.py, tf2onnx_conv.py):\n  " + "\n  ".join(lines), ops)
 
 
 def _check_names(inputs, outputs):

@@ -21,7 +21,9 @@ import onnxruntime as ort
 
 from mmtl_tf.files import sha256
 from mmtl_tf.ondevice import images as image_io
+from mmtl_tf.ondevice import support as support_set
 from mmtl_tf.ondevice.personal import PersonalModel, cross_entropy
+from mmtl_tf.ondevice.support import AdaptationError  # noqa: F401  (part of this module's API)
 from mmtl_tf.preprocessing import Preprocessing
 
 MANIFEST = "manifest.json"
@@ -35,10 +37,6 @@ class ExportError(ValueError):
 
 class AdaptationWarning(RuntimeWarning):
     """Adaptation stopped early (a non-finite support loss); the previous parameters are kept."""
-
-
-class AdaptationError(ValueError):
-    """The support set or the adaptation arguments cannot be used; the message says why."""
 
 
 def load(folder, threads: int | None = None) -> "ExportedModel":
@@ -213,7 +211,8 @@ class ExportedModel:
             raise AdaptationError(f"lr={lr!r} must be a positive finite number (or None for the "
                                   "exported learning rates)")
         images = list(images)
-        class_names, y = self._classes(labels, len(images))
+        class_names, y = support_set.class_indices(labels, len(images), self.max_ways,
+                                                   self.max_shots)
         x = image_io.to_batch(images, self.prep)  # (S, size, size, 1)
         lrs = self.lrs if lr is None else {n: np.full_like(v, lr) for n, v in self.lrs.items()}
         params = dict(self.params)
@@ -229,47 +228,9 @@ class ExportedModel:
         paths, labels = image_io.support_folder(folder)
         return self.adapt(paths, labels, **kwargs)
 
-    def _classes(self, labels, count: int):
-        labels = list(labels)
-        if len(labels) != count:
-            raise AdaptationError(f"{count} support images but {len(labels)} labels; give one "
-                                  "label per image")
-        kinds = {isinstance(label, str) for label in labels}
-        if len(kinds) > 1 or (kinds == {False} and not all(
-                isinstance(label, (int, np.integer)) for label in labels)):
-            raise AdaptationError("labels must be all class names (str) or all integers")
-        labels = [label if isinstance(label, str) else int(label) for label in labels]  # JSON-able
-        class_names = sorted(set(labels))
-        ways = len(class_names)
-        if ways < 2:
-            raise AdaptationError(f"the support set has {ways} class(es); give at least 2 "
-                                  "classes (one folder per class)")
-        if ways > self.max_ways:
-            raise AdaptationError(f"the support set has {ways} classes but this model takes at "
-                                  f"most max_ways={self.max_ways}; use fewer classes or export a "
-                                  "model with a wider head")
-        index = {name: i for i, name in enumerate(class_names)}
-        y = np.asarray([index[label] for label in labels], np.int32)
-        shots = np.bincount(y, minlength=ways)
-        if shots.max() > self.max_shots:
-            worst = class_names[int(shots.argmax())]
-            raise AdaptationError(f"class {worst!r} has {shots.max()} images but this model takes "
-                                  f"at most max_shots={self.max_shots} per class; remove some or "
-                                  "re-export with a larger --max-shots")
-        return class_names, y
-
     def _support(self, name: str, x, y, ways: int) -> dict:
-        """The support set padded to graph ``name``'s rows (zero images, label 0, mask 0)."""
-        rows, count = self.support_rows(name), len(y)
-        padded = np.zeros((rows, *x.shape[1:]), np.float32)
-        padded[:count] = x
-        labels = np.zeros(rows, np.int32)
-        labels[:count] = y
-        mask = np.zeros(rows, np.float32)
-        mask[:count] = 1.0
-        class_mask = (np.arange(self.max_ways) < ways).astype(np.float32)
-        return {"support_images": padded, "support_labels": labels, "sample_mask": mask,
-                "class_mask": class_mask}
+        """The support set padded to graph ``name``'s rows."""
+        return support_set.padded(x, y, self.support_rows(name), ways, self.max_ways)
 
     def _step_lrs(self, lrs, step: int) -> dict:
         """Learning-rate feeds of one step; MAML++ ships a rate per step (the last one after)."""
@@ -283,33 +244,11 @@ class ExportedModel:
         ``support_losses[k]`` is the support loss after k steps; the last one comes from a
         forward pass at the final parameters.
         """
-        head = ("head_step", ["head_w", "head_b"])
-        stem, changed = head if head_only else ("adapt_step", self.param_names)
-        name = self.graph(stem, len(y))
-        support = self._support(name, x, y, len(class_names))
+        stem = "head_step" if head_only else "adapt_step"
+        support = self._support(self.graph(stem, len(y)), x, y, len(class_names))
         losses, previous, step = [], None, 0
         while step < steps:
-            graph, outputs, done = name, changed, 1
-            if not params["head_w"].any():
-                # A zero head passes a zero gradient to the encoder (d features = d logits @
-                # head_w^T), so a full step leaves the encoder exactly as it is: the head-only
-                # graph gives the same step for a fraction of the work (zero-head models' step 1),
-                # and head_then_adapt_step also takes the next full step on the same forward pass.
-                graph, outputs = self.graph(head[0], len(y)), head[1]
-                if not head_only and steps - step >= 2 and self._has("head_then_adapt_step"):
-                    graph, done = self.graph("head_then_adapt_step", len(y)), 2
-            feeds = {**support, **params, **self._step_lrs(lrs, step)}
-            if done == 1:
-                loss, *new = self.run(graph, ["loss"] + ["new_" + n for n in outputs], feeds)
-                results = [(loss, dict(zip(outputs, new)))]
-            else:
-                next_lrs = {"next_" + k: v for k, v in self._step_lrs(lrs, step + 1).items()}
-                loss, head_w, head_b, next_loss, *new = self.run(
-                    graph, ["loss", "head_w_1", "head_b_1", "next_loss"] +
-                    ["new_" + n for n in self.param_names], {**feeds, **next_lrs})
-                results = [(loss, {"head_w": head_w, "head_b": head_b}),
-                           (next_loss, dict(zip(self.param_names, new)))]
-            for loss, update in results:
+            for loss, update in self._next_steps(support, params, lrs, step, steps, head_only):
                 losses.append(float(loss))
                 if not np.isfinite(loss):
                     return self._stopped(x, y, class_names, previous, step, losses)
@@ -320,6 +259,33 @@ class ExportedModel:
         if not np.isfinite(personal.support_losses[-1]):
             return self._stopped(x, y, class_names, previous, steps, personal.support_losses)
         return personal
+
+    def _next_steps(self, support, params, lrs, step: int, steps: int, head_only: bool):
+        """Runs step ``step`` (and step + 1 when one graph does both): [(support loss before
+        the step, the parameters it changed)] for each step taken."""
+        rows = len(support["support_labels"])
+        graph, changed = self.graph("adapt_step", rows), self.param_names
+        if head_only or not params["head_w"].any():
+            # A zero head passes a zero gradient to the encoder (d features = d logits @
+            # head_w^T), so a full step leaves the encoder exactly as it is: the head-only
+            # graph gives the same step for a fraction of the work (zero-head models' step 1),
+            # and head_then_adapt_step also takes the next full step on the same forward pass.
+            graph, changed = self.graph("head_step", rows), ["head_w", "head_b"]
+            if not head_only and steps - step >= 2 and self._has("head_then_adapt_step"):
+                return self._head_then_adapt_step(support, params, lrs, step)
+        feeds = {**support, **params, **self._step_lrs(lrs, step)}
+        loss, *new = self.run(graph, ["loss"] + ["new_" + n for n in changed], feeds)
+        return [(loss, dict(zip(changed, new)))]
+
+    def _head_then_adapt_step(self, support, params, lrs, step: int):
+        rows = len(support["support_labels"])
+        next_lrs = {"next_" + k: v for k, v in self._step_lrs(lrs, step + 1).items()}
+        loss, head_w, head_b, next_loss, *new = self.run(
+            self.graph("head_then_adapt_step", rows),
+            ["loss", "head_w_1", "head_b_1", "next_loss"] + ["new_" + n for n in self.param_names],
+            {**support, **params, **self._step_lrs(lrs, step), **next_lrs})
+        return [(loss, {"head_w": head_w, "head_b": head_b}),
+                (next_loss, dict(zip(self.param_names, new)))]
 
     def _stopped(self, x, y, class_names, previous, step, losses) -> PersonalModel:
         if previous is None:
