@@ -70,6 +70,8 @@ def preprocess_array(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
 
 def preprocess_pil(pil: Image.Image, prep: Preprocessing) -> np.ndarray:
     """Maps one PIL image of any mode and size to float32 (size, size, 1) in [0, 1]."""
+    if pil.mode.startswith("I") or pil.mode == "F":
+        pil = _grey_to_8_bit(pil)
     if pil.mode != "L":
         if pil.mode in ("RGBA", "LA", "P", "PA"):
             # Transparent pixels are paper: composite onto white before dropping alpha.
@@ -84,3 +86,26 @@ def preprocess_pil(pil: Image.Image, prep: Preprocessing) -> np.ndarray:
     if prep.ink_as_one:
         x = np.float32(1.0) - x
     return x[:, :, None]
+
+
+def _grey_to_8_bit(pil: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and floating-point grey images as 8-bit "L", rescaled.
+
+    Pillow's own ``convert("L")`` clips these at 255: a 16-bit scan turns white and a float
+    image in [0, 1] black. Full scale is 65535 for "I;16*", 1.0 for "F", and for "I" (which
+    Pillow also uses for 16-bit files) 255 when every value fits in 8 bits, else 65535.
+    Values outside [0, full scale] are refused rather than guessed at.
+    """
+    values = np.asarray(pil, dtype=np.float64)
+    if pil.mode == "F":
+        full = 1.0
+    elif pil.mode == "I" and values.size and values.max() <= 255:
+        full = 255.0
+    else:
+        full = 65535.0
+    if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= full):
+        raise ValueError(f"a {pil.mode} image with values from {values.min()} to {values.max()} "
+                         f"is outside [0, {full:g}]; save it as an 8- or 16-bit grey or colour "
+                         "image")
+    return Image.fromarray(np.round(values * (255.0 / full)).astype(np.uint8), mode="L")
+

@@ -5,6 +5,7 @@ saves its state atomically."""
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import shutil
@@ -136,6 +137,27 @@ def test_any_size_and_colour_mode_becomes_one_grey_channel(tmp_path):
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode).save(path)
         x = image_io.read_image(path, prep)
         assert x.shape == (28, 28, 1) and x.dtype == np.float32 and 0 <= x.min() <= x.max() <= 1
+
+
+def test_deep_grey_images_read_as_their_8_bit_equivalent(tmp_path):
+    # Pillow's convert("L") clips 16-bit and float images at 255 (all white or all black);
+    # rescaled, each reads exactly as the same picture saved with 8 bits.
+    prep = Preprocessing(28)
+    grey = np.random.default_rng(5).integers(0, 256, (40, 33), dtype=np.uint8)
+    Image.fromarray(grey, mode="L").save(tmp_path / "eight.png")
+    expected = image_io.read_image(tmp_path / "eight.png", prep)
+    assert expected.std() > 0.1
+    sixteen = grey.astype(np.uint16) * 257  # 255 -> 65535
+    for name, image in (("sixteen.png", Image.fromarray(sixteen)),
+                        ("wide.tiff", Image.fromarray(sixteen.astype(np.int32))),
+                        ("float.tiff", Image.fromarray(grey.astype(np.float32) / 255))):
+        image.save(tmp_path / name)
+        with Image.open(tmp_path / name) as reopened:
+            assert reopened.mode != "L"  # the file really is deeper than 8 bits
+        np.testing.assert_array_equal(image_io.read_image(tmp_path / name, prep), expected)
+    Image.fromarray(np.full((9, 9), 3.5, np.float32)).save(tmp_path / "bright.tiff")
+    with pytest.raises(image_io.ImageError, match=r"bright.tiff.*outside \[0, 1\]; save it as"):
+        image_io.read_image(tmp_path / "bright.tiff", prep)
 
 
 # ----- learning and parity --------------------------------------------------------------------
@@ -345,7 +367,8 @@ def export_copy(trained_export, tmp_path):
 
 
 def test_a_modified_file_fails_its_manifest_hash_by_name(export_copy):
-    data = bytearray((export_copy / "predict.onnx").read_bytes())
+    original = (export_copy / "predict.onnx").read_bytes()
+    data = bytearray(original)
     data[-1] ^= 1
     (export_copy / "predict.onnx").write_bytes(bytes(data))
     with pytest.raises(ondevice.ExportError, match=r"predict.onnx does not match its SHA-256"):
@@ -353,8 +376,15 @@ def test_a_modified_file_fails_its_manifest_hash_by_name(export_copy):
     (export_copy / "predict.onnx").unlink()
     with pytest.raises(ondevice.ExportError, match=r"predict.onnx is missing"):
         ondevice.load(export_copy)
+    (export_copy / "predict.onnx").write_bytes(b"anything at all")
     manifest = json.loads((export_copy / "manifest.json").read_text())
-    del manifest["files"]["predict.onnx"], manifest["max_ways"]
+    del manifest["files"]["predict.onnx"]  # a loaded graph no hash covers is refused too
+    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ondevice.ExportError, match=r"has no SHA-256 for predict.onnx, which"):
+        ondevice.load(export_copy)
+    (export_copy / "predict.onnx").write_bytes(original)
+    manifest["files"]["predict.onnx"] = hashlib.sha256(original).hexdigest()
+    del manifest["max_ways"]
     (export_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ondevice.ExportError, match="lacks the key 'max_ways'"):
         ondevice.load(export_copy)

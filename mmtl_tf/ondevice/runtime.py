@@ -88,6 +88,11 @@ def verify_files(folder: Path, manifest: dict) -> None:
             raise ExportError(f"{folder / relative} does not match its SHA-256 in the manifest "
                               "(corrupted or modified); copy the export folder again")
     params_file = manifest.get("params_file", "params.npz")
+    graph_files = [g.get("file") for g in (manifest.get("graphs") or {}).values()]
+    unlisted = sorted(f for f in {params_file, *graph_files} if f not in files)
+    if unlisted:  # a file the runtime loads but no hash covers could be anything
+        raise ExportError(f"{folder / MANIFEST} has no SHA-256 for {', '.join(unlisted)}, which "
+                          "the runtime loads; re-export the model")
     if files.get(params_file) != manifest.get("meta_init_sha256"):
         raise ExportError(f"{folder / MANIFEST}: meta_init_sha256 is not the hash of {params_file}")
     for stem in ["init_head", "adapt_step", "predict"] + ([] if manifest["transductive"] else ["support_stats"]):
