@@ -138,8 +138,51 @@ def plain_step_ceiling(meta_batch_size: int = 32, ways: int = 5, shots: int = 1,
     for _ in range(reps):
         step()
     per_step = (time.perf_counter() - start) / reps
+    flops = gradient_flops(encoder, ways)
+    task_flops = flops["gradient_per_image"] * ways * (shots + queries)
     return {"images_per_step": count, "seconds_per_step": round(per_step, 4),
-            "tasks_per_second_ceiling": round(meta_batch_size / per_step, 2)}
+            "tasks_per_second_ceiling": round(meta_batch_size / per_step, 2),
+            "forward_flops_per_image": flops["forward_per_image"],
+            "gradient_flops_per_task": task_flops,
+            "ceiling_gflops_per_second": round(task_flops * meta_batch_size / per_step / 1e9, 1),
+            "dense_matmul_gflops_per_second": dense_matmul_gflops()}
+
+
+def gradient_flops(encoder, ways: int) -> dict:
+    """Floating-point operations of one image through a Conv4 encoder and a ``ways`` dense head,
+    counted from the layer shapes (a multiply-add is 2; batch norm and ReLU are not counted).
+
+    ``gradient_per_image`` is forward plus backward: each layer's kernel gradient costs what its
+    forward does, and so does its input gradient, except the first layer's, which nobody needs.
+    Every MAML step runs at least this for every support and query image, so it is a lower bound.
+    """
+    shape, layers = (None, encoder.image_size, encoder.image_size, encoder.channels), []
+    for conv in encoder.convs:
+        out = conv.compute_output_shape(shape)
+        kh, kw, cin, cout = conv.kernel.shape
+        layers.append(2 * out[1] * out[2] * cout * kh * kw * cin)
+        shape = out
+        if encoder.downsample == "maxpool":
+            shape = (None, -(-out[1] // 2), -(-out[2] // 2), out[3])
+    layers.append(2 * encoder.feature_dim * ways)
+    forward = sum(layers)
+    return {"forward_per_image": forward, "gradient_per_image": 3 * forward - layers[0]}
+
+
+def dense_matmul_gflops(size: int = 4096, reps: int = 4) -> float:
+    """What this machine's TensorFlow sustains on one large float32 matmul (all threads): a
+    practical upper bound on the arithmetic rate of any network's kernels here."""
+    import tensorflow as tf
+
+    a = tf.random.normal((size, size), seed=1)
+    b = tf.random.normal((size, size), seed=2)
+    matmul = tf.function(tf.matmul)
+    matmul(a, b).numpy()
+    start = time.perf_counter()
+    for _ in range(reps):
+        result = matmul(a, b)
+    result.numpy()
+    return round(2 * size ** 3 * reps / (time.perf_counter() - start) / 1e9, 1)
 
 
 def _train_graph_size(learner, batch) -> int:
