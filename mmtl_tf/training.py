@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mmtl_tf.config import ExperimentConfig
@@ -116,10 +117,11 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     dataset = episode_dataset(train_sampler, config.data.seed, meta_batch_size=t.meta_batch_size)
     log_every = max(1, min(t.log_every, t.steps))
     history = []
-    try:
-        learner.fit(dataset, steps_per_epoch=log_every, epochs=max(1, t.steps // log_every),
+    try:  # the last logging period may be shorter: _StopAt ends fit after exactly t.steps
+        learner.fit(dataset, steps_per_epoch=log_every, epochs=-(-t.steps // log_every),
                     verbose=2, shuffle=False,
-                    callbacks=[_AtomicCheckpoint(workdir / CHECKPOINT), _History(history)])
+                    callbacks=[_StopAt(t.steps, config.meta.inner_lr),
+                               _AtomicCheckpoint(workdir / CHECKPOINT), _History(history)])
     except tf.errors.InvalidArgumentError as err:
         if NONFINITE_MARKER in str(err):
             raise NonFiniteLossError(str(err).split(NONFINITE_MARKER)[-1].split("\n")[0].strip(
@@ -187,6 +189,30 @@ def save_checkpoint(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class _StopAt(keras.callbacks.Callback):
+    """Ends fit after ``steps`` meta-steps, and stops at a non-finite loss.
+
+    The train step itself asserts a finite loss; under XLA, which drops assertions, it zeroes
+    the step's gradients instead, and this is what stops training there, before the epoch's
+    checkpoint is written."""
+
+    def __init__(self, steps: int, inner_lr: float):
+        super().__init__()
+        self.steps, self.inner_lr = steps, inner_lr
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = {k: float(np.asarray(v).ravel()[0]) for k, v in (logs or {}).items()}
+        step = int(self.model.optimizer.iterations)
+        if not np.isfinite(logs.get("loss", 0.0)) or logs.get("update_dropped", 0.0) > 0:
+            raise NonFiniteLossError(
+                f"at meta-step {step} (running mean loss {logs.get('loss')}; non-finite loss or "
+                f"gradient); inner_lr={self.inner_lr} or "
+                "the meta learning rate is too large for this model: lower them. With "
+                "jit_compile the step's update was zeroed; the last good checkpoint is kept.")
+        if step >= self.steps:
+            self.model.stop_training = True
+
+
 class _AtomicCheckpoint(keras.callbacks.Callback):
     """Saves the weights after every logging period (see save_checkpoint)."""
 
@@ -204,5 +230,6 @@ class _History(keras.callbacks.Callback):
         self.rows = rows
 
     def on_epoch_end(self, epoch, logs=None):
-        step = (epoch + 1) * self.params["steps"]
-        self.rows.append({"step": step, **{k: float(v) for k, v in (logs or {}).items()}})
+        step = int(self.model.optimizer.iterations)  # the last period may be shorter
+        self.rows.append({"step": step, **{k: float(v) for k, v in (logs or {}).items()
+                                           if k != "update_dropped"}})

@@ -70,10 +70,12 @@ def test_config_errors_name_the_value():
 def test_train_writes_a_complete_run_folder_and_refuses_to_overwrite(tmp_path):
     from mmtl_tf.training import CHECKPOINT, load_learner, train
 
-    config = preset("tiny")
+    config = preset("tiny").replace(train={"steps": 5, "log_every": 2})  # 2 + 2 + 1 steps
     metrics = train(config, tmp_path)
     for name in ("config.json", CHECKPOINT, "history.json", "metrics.json"):
         assert (tmp_path / name).is_file()
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [row["step"] for row in history] == [2, 4, 5], "exactly --steps meta-steps, logged"
     assert "small1" in metrics["protocol"] and 0.0 <= metrics["accuracy"] <= 1.0
     assert ExperimentConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == config
     assert not list(tmp_path.glob("*.tmp*")), "no temporary file is left behind"
@@ -83,10 +85,12 @@ def test_train_writes_a_complete_run_folder_and_refuses_to_overwrite(tmp_path):
         train(config, tmp_path)
 
 
-def test_non_finite_loss_stops_training_and_keeps_no_nan_checkpoint(tmp_path):
+@pytest.mark.parametrize("jit_compile", [False, True])  # XLA drops the step's assertion
+def test_non_finite_loss_stops_training_and_keeps_no_nan_checkpoint(tmp_path, jit_compile):
     from mmtl_tf.training import CHECKPOINT, NonFiniteLossError, train
 
-    config = preset("tiny").replace(meta={"inner_lr": 1e30}, train={"steps": 2, "log_every": 1})
+    config = preset("tiny").replace(meta={"inner_lr": 1e30}, train={
+        "steps": 2, "log_every": 1, "jit_compile": jit_compile})
     with pytest.raises(NonFiniteLossError, match=r"meta-step.*1.*inner_lr=1e\+30"):
         train(config, tmp_path)
     assert not (tmp_path / CHECKPOINT).exists(), "no checkpoint is written from a NaN step"

@@ -175,10 +175,15 @@ class MetaLearner(keras.Model):
             names += ["pre_loss"] + (["pre_accuracy"] if self.task == "classification" else [])
         return names
 
-    def _record(self, per_task):
+    def _record(self, per_task, finite=None):
+        """The logs of a step. Under XLA, which drops the train step's finiteness assertion,
+        they also carry ``update_dropped`` (1 when the step's update was zeroed), on which
+        training stops (``mmtl_tf.training``)."""
         for name, tracker in self._trackers.items():
             tracker.update_state(per_task[name])
         logs = {name: tracker.result() for name, tracker in self._trackers.items()}
+        if finite is not None and self.jit_compile:
+            logs["update_dropped"] = 1.0 - tf.cast(finite, tf.float32)
         if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
             # Keras averages multi-worker logs with reduce(MEAN, axis=0), which needs an axis.
             logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
@@ -204,8 +209,8 @@ class MetaLearner(keras.Model):
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = loss / replicas  # gradients are summed across replicas
         grads = tape.gradient(scaled, variables)
-        self._apply_if_finite(loss, grads, variables)
-        return self._record(per_task)
+        finite = self._apply_if_finite(loss, grads, variables)
+        return self._record(per_task, finite)
 
     def make_test_function(self, force=False):
         """Always a fresh function: ways are static in the traced graph, and Keras relaxes
@@ -232,8 +237,8 @@ class MetaLearner(keras.Model):
         """Applies the outer update; a non-finite loss or gradient stops training instead.
 
         XLA (``jit_compile=True``) drops assertions: there the non-finite step's gradients are
-        zeroed instead, so no NaN reaches the weights (a stateful optimizer may still move them
-        by its momentum) and training goes on with a NaN loss in the logs.
+        zeroed instead, so no NaN reaches the weights, and the returned flag (False: the update
+        was dropped) goes into the logs, on which training stops.
         """
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
         finite = tf.logical_and(finite, tf.math.is_finite(loss))
@@ -244,6 +249,7 @@ class MetaLearner(keras.Model):
         with tf.control_dependencies([check]):
             grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
             self.optimizer.apply(grads, variables)
+        return finite
 
     def _reptile_step(self, data):
         """theta <- theta + epsilon * (mean adapted phi - theta), epsilon from the optimizer.
@@ -276,8 +282,8 @@ class MetaLearner(keras.Model):
             grads[-2:] = [tf.zeros_like(theta[-2]), tf.zeros_like(theta[-1])]
         grads += [tf.zeros_like(v) for v in self.inner_lrs]
         per_task = self._meta_batch(data, self.config.inner_steps, True)
-        self._apply_if_finite(tf.reduce_mean(per_task["loss"]), grads, self.meta_variables)
-        return self._record(per_task)
+        finite = self._apply_if_finite(tf.reduce_mean(per_task["loss"]), grads, self.meta_variables)
+        return self._record(per_task, finite)
 
     # ----- adaptation for users -------------------------------------------------------------
     def adapt(self, support_x, support_y, ways=None, steps=None):
