@@ -255,3 +255,80 @@ def test_derivative_order_annealing_starts_first_order(algorithm, first_order_un
         assert gap < 1e-6, gap
     else:
         assert gap > 1e-5, gap
+
+
+# ----- ANIL, MAML++'s multi-step loss, the traced graph ---------------------------------------
+def _first_episode(batch):
+    from mmtl_tf.data.episodes import Episode
+
+    return Episode(*(f[0] for f in batch))
+
+
+def test_anil_is_maml_with_a_zero_inner_rate_on_the_encoder():
+    from mmtl_tf.meta import inner_loop as il
+
+    batch, _ = _meta_batch(_pattern_classes())
+    e = _first_episode(batch)
+    learner = _learner(MetaConfig(algorithm="anil", inner_steps=2, inner_lr=0.4, head_init="learned"))
+    theta = [tf.convert_to_tensor(p) for p in learner.meta_params]
+    encoder_count = len(theta) - 2
+    maml_loop = il.InnerLoop(learner.encoder, "classification", "learned", True, None)
+    frozen_encoder = lambda step: [0.0] * encoder_count + [0.4, 0.4]  # noqa: E731
+
+    def meta_gradient(loop, rates):
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            adapted = il.adapt(loop, theta, e.support_x, e.support_y, WAYS, 2, rates)
+            loss = loop.loss(il.query_logits(loop, adapted.params, e.support_x, e.query_x), e.query_y)
+        return adapted, tape.gradient(loss, theta)
+
+    anil, anil_grads = meta_gradient(learner.loop, learner.learning_rates(WAYS))
+    reference, reference_grads = meta_gradient(maml_loop, frozen_encoder)
+    for a, t in zip(anil.params[:encoder_count], theta):  # the encoder is not adapted at all
+        np.testing.assert_array_equal(a.numpy(), t.numpy())
+    assert not np.allclose(anil.params[-2].numpy(), theta[-2][:, :WAYS].numpy())
+    assert anil.support_losses[-1] < anil.support_losses[0]
+    for g, r in zip(anil_grads, reference_grads):  # the same meta-gradient, encoder included
+        np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-4, atol=1e-6)
+    assert min(np.abs(g.numpy()).max() for g in anil_grads[:encoder_count]) > 0
+
+
+def test_mamlpp_multi_step_loss_weights_every_step_then_anneals_to_the_last():
+    from mmtl_tf.meta import inner_loop as il
+
+    steps, anneal = 3, 10
+    batch, _ = _meta_batch(_pattern_classes())
+    learner = _learner(MetaConfig(algorithm="mamlpp", inner_steps=steps, inner_lr=0.3,
+                                  multi_step_anneal=anneal))
+    learner.compile(optimizer=keras.optimizers.SGD(0.0))
+    theta = [tf.convert_to_tensor(p) for p in learner.meta_params]
+    rates = learner.learning_rates(WAYS)
+    per_step = []  # query loss after k steps, each from its own adaptation of k steps
+    for k in range(1, steps + 1):
+        losses = []
+        for t in range(TASKS):
+            e = _first_episode([f[t:] for f in batch])
+            adapted = il.adapt(learner.loop, theta, e.support_x, e.support_y, WAYS, k, rates)
+            logits = il.query_logits(learner.loop, adapted.params, e.support_x, e.query_x)
+            losses.append(float(learner.loop.loss(logits, e.query_y)))
+        per_step.append(losses)
+    per_step = np.array(per_step)  # (steps, tasks)
+    assert np.ptp(per_step[:, 0]) > 1e-3, "the steps' losses differ, so the weighting matters"
+    for iteration, weights in ((0, [1 / 3, 1 / 3, 1 / 3]),
+                               (anneal, [0.01, 0.01, 0.98])):  # 0.03 / steps on early steps
+        learner.optimizer.iterations.assign(iteration)
+        meta = learner._meta_batch(batch, steps, False)["meta_loss"].numpy()
+        np.testing.assert_allclose(meta, np.array(weights) @ per_step, rtol=1e-5)
+
+
+def test_the_traced_train_step_does_not_grow_with_the_meta_batch():
+    from mmtl_tf.benchmarking import _train_graph_size
+    from mmtl_tf.data.episodes import Episode
+
+    batch, _ = _meta_batch(_pattern_classes())  # TASKS tasks
+    learner = _learner(MetaConfig(inner_steps=2, inner_lr=0.4))
+    learner.compile(optimizer=keras.optimizers.SGD(0.01))
+    learner.train_on_batch(batch)
+    two = Episode(*(f[:2] for f in batch))
+    eight = Episode(*(tf.concat([f, f], 0) for f in batch))
+    assert _train_graph_size(learner, two) == _train_graph_size(learner, eight)
