@@ -36,4 +36,32 @@ def atomic_write(path, write) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    sync_folder(path.parent)
     return path
+
+
+def sync_folder(folder) -> None:
+    """Makes a rename inside ``folder`` durable across a power cut (POSIX; a no-op where
+    folders cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder) -> None:
+    """fsyncs every file and folder under ``folder``: call before renaming a folder written by
+    code that does not sync (TensorFlow's SavedModel writer, Keras), so the rename publishes
+    complete files even after a power cut."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        sync_folder(root)
+

@@ -20,7 +20,7 @@ from mmtl_tf.data.episode_files import draw_episodes
 from mmtl_tf.data.episodes import EpisodeSampler, episode_dataset
 from mmtl_tf.data.sinusoid import SinusoidSampler
 from mmtl_tf.evaluation import evaluate_episodes
-from mmtl_tf.files import atomic_write
+from mmtl_tf.files import atomic_write, sync_folder
 from mmtl_tf.meta.learner import NONFINITE_MARKER, MetaLearner
 from mmtl_tf.models.conv4 import conv4_encoder, mlp_encoder
 from mmtl_tf.preprocessing import Preprocessing
@@ -186,7 +186,10 @@ def save_checkpoint(model, path: Path) -> None:
     """Saves weights to a temporary file, then renames it (Keras needs the .weights.h5 name)."""
     tmp = path.with_name("checkpoint.tmp.weights.h5")
     model.save_weights(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    sync_folder(path.parent)
 
 
 class _StopAt(keras.callbacks.Callback):

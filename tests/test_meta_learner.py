@@ -207,6 +207,20 @@ def test_adapting_on_an_empty_support_set_is_a_value_error():
         learner.adapt(np.zeros((0, SIDE, SIDE, 1), np.float32), np.zeros((0,), np.int32), ways=3)
 
 
+def test_adapt_refuses_too_many_ways_and_a_diverging_loss_by_name():
+    batch, _ = _meta_batch(_pattern_classes())
+    e = _first_episode(batch)
+    with pytest.raises(ValueError, match=r"ways=5 is outside 2..max_ways=4"):
+        _learner(MetaConfig(max_ways=4)).adapt(e.support_x, e.support_y)
+    with pytest.raises(ValueError, match=r"ways=1 is outside"):
+        _learner(MetaConfig()).adapt(e.support_x[:1], e.support_y[:1] * 0)
+    diverging = _learner(MetaConfig(inner_lr=1e30, eval_inner_steps=3, head_init="learned"))
+    with pytest.raises(FloatingPointError, match=r"not finite after [1-3] adaptation step"):
+        diverging.adapt(e.support_x, e.support_y)
+    fine = _learner(MetaConfig(inner_lr=0.1)).adapt(e.support_x, e.support_y)
+    assert fine[-2].shape == (fine[-2].shape[0], WAYS) and all(np.isfinite(p.numpy()).all() for p in fine)
+
+
 # ----- XLA -----------------------------------------------------------------------------------
 def test_jit_compiled_step_matches_the_uncompiled_one():
     config = MetaConfig(inner_steps=2, inner_lr=0.05)

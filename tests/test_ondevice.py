@@ -506,6 +506,40 @@ def test_a_failed_save_keeps_the_previous_state_and_leaves_no_temporary_file(
     assert sorted(os.listdir(tmp_path)) == ["me.personal", "other"]
 
 
+def test_a_process_killed_mid_save_leaves_the_previous_state_in_place(
+        trained_export, personal, task, tmp_path):
+    """SIGKILL, not an exception: nothing of the dying process's cleanup runs."""
+    import signal
+    import time
+
+    path = personal.save(tmp_path / "me.personal")
+    before = path.read_bytes()
+    marker = tmp_path / "half-written"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time, zipfile
+        from mmtl_tf import ondevice
+        personal = ondevice.load({str(trained_export.folder)!r}).adapt_folder(
+            {str(task[0] / "support")!r}, steps=1)
+        write = zipfile.ZipFile.writestr
+        def write_then_hang(self, *args, **kwargs):
+            write(self, *args, **kwargs)
+            open({str(marker)!r}, "w").close()  # part of the new state is on disk now
+            time.sleep(600)
+        zipfile.ZipFile.writestr = write_then_hang
+        personal.save({str(path)!r})
+        """)], cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the child never reached the middle of its save"
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(timeout=30) == -signal.SIGKILL
+    assert path.read_bytes() == before
+    assert ondevice.load_personal(trained_export.folder, path).class_names == personal.class_names
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("me.personal", "half-written")]
+    assert all(n.startswith(".me.personal.") and n.endswith(".tmp") for n in leftovers), leftovers
+
+
 def test_personalized_onnx_is_checked_onnx_equal_to_predict_fed_the_adapted_params(personal, tmp_path):
     path = personal.save(tmp_path / "me.personal")
     with zipfile.ZipFile(path) as archive:

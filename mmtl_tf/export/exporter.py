@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmtl_tf.files import sha256
+from mmtl_tf.files import sha256, sync_folder, sync_tree
 from mmtl_tf.preprocessing import Preprocessing
 
 MANIFEST = "manifest.json"
@@ -159,11 +159,13 @@ def build_manifest(folder: Path, exportable, config, graphs: dict, opset: int) -
 
 def _replace_folder(tmp: Path, out: Path) -> None:
     """Moves the finished folder into place; an old one is moved aside first, removed after."""
+    sync_tree(tmp)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     tmp.rename(out)
+    sync_folder(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

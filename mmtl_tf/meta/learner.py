@@ -8,6 +8,7 @@ meta-batch is adapted by the one inner loop (``inner_loop.adapt``); the tasks ar
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mmtl_tf.data.episodes import Episode
@@ -290,16 +291,28 @@ class MetaLearner(keras.Model):
         """Fast weights for one task: support_x (N*K, ...), support_y (N*K,) labels 0..N-1.
 
         Returns the task parameters ``[*encoder_params, head_w (F, N), head_b (N,)]``.
+        Raises ValueError for an empty support set or N outside 2..max_ways, and
+        FloatingPointError when a step's support loss is not finite (lower the rate).
         """
         support_y = tf.convert_to_tensor(support_y)
-        if ways is None:
-            ways = 1 if self.task == "regression" else int(tf.reduce_max(support_y)) + 1
         if int(tf.size(support_y)) == 0:
             raise ValueError("the support set is empty: give at least one example per class")
+        if ways is None:
+            ways = 1 if self.task == "regression" else int(tf.reduce_max(support_y)) + 1
+        if self.task == "classification" and not 2 <= int(ways) <= self.config.max_ways:
+            raise ValueError(f"ways={int(ways)} is outside 2..max_ways={self.config.max_ways}: "
+                             "give at least two classes, or meta-train with a larger max_ways")
         steps = steps or self.config.eval_inner_steps
         meta_params = [tf.convert_to_tensor(p) for p in self.meta_params]
-        return il.adapt(self.loop, meta_params, tf.convert_to_tensor(support_x), support_y,
-                        ways, steps, self.learning_rates(ways), True).params
+        adapted = il.adapt(self.loop, meta_params, tf.convert_to_tensor(support_x), support_y,
+                           ways, steps, self.learning_rates(ways), True)
+        losses = adapted.support_losses.numpy()
+        if not np.isfinite(losses).all():
+            step = int(np.argmin(np.isfinite(losses)))  # losses[k] is the loss before step k+1
+            raise FloatingPointError(
+                f"the support loss is not finite after {step} adaptation step(s) "
+                f"(losses {losses.tolist()}): lower the inner learning rate or the steps")
+        return adapted.params
 
     def predict_adapted(self, params, query_x, support_x=None):
         """Outputs (B, N) at fast weights ``params``; non-transductive mode needs support_x."""
