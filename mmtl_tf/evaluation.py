@@ -33,13 +33,34 @@ def evaluate_episodes(learner, episodes: Episode, steps: int | None = None,
     return report
 
 
+def evaluate_export(folder, episodes: Episode, steps: int) -> dict:
+    """Scores an export folder through the device runtime (onnxruntime, the exported
+    adaptation graphs) on the same episodes: accuracy with its 95% confidence interval."""
+    from mmtl_tf import ondevice
+
+    model = ondevice.load(folder)
+    accuracies = []
+    for e in range(len(episodes.support_x)):
+        personal = model.adapt(list(episodes.support_x[e]), episodes.support_y[e].tolist(), steps=steps)
+        predicted = personal.logits(episodes.query_x[e]).argmax(axis=1)
+        labels = np.asarray(personal.class_names)[predicted]  # class names are the int labels
+        accuracies.append(float(np.mean(labels == episodes.query_y[e])))
+    values = np.asarray(accuracies)
+    ci = float(1.96 * values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    return {"runtime": "mmtl_tf.ondevice (onnxruntime)", "export": str(folder),
+            "inner_steps": steps, "episodes": len(values), "accuracy": float(values.mean()),
+            "accuracy_ci95": ci}
+
+
 def evaluate_run(workdir, ways: int | None = None, shots: int | None = None,
                  queries: int | None = None, episodes: int = 600, seed: int = 2024,
-                 steps: int | None = None) -> dict:
+                 steps: int | None = None, export=None) -> dict:
     """Evaluates a training run on fixed episodes of its protocol's test classes.
 
     The episodes are drawn once per (ways, shots, queries, seed) and kept in
     ``<workdir>/episodes/`` so that every later evaluation scores exactly the same tasks.
+    ``export``: an export folder of the run, also scored on those episodes by the device
+    runtime (reported under "device").
     """
     from pathlib import Path
 
@@ -62,6 +83,9 @@ def evaluate_run(workdir, ways: int | None = None, shots: int | None = None,
         save_episodes(path, fixed, {"ways": ways, "shots": shots, "queries": queries, "seed": seed})
     report = {"protocol": protocol_of(config), "ways": ways, "shots": shots,
               "queries": queries, "seed": seed, **evaluate_episodes(learner, fixed, steps)}
+    if export is not None:
+        report["device"] = evaluate_export(export, fixed, report["inner_steps"])
+        tag += "_device"
     write_json(Path(workdir) / f"eval_{tag}.json", report)
     return report
 

@@ -1,5 +1,6 @@
 """Evaluate a training run on fixed test episodes:
-python pipelines/evaluate.py --workdir runs/omniglot-5w1s [--ways 5 --shots 1 --episodes 600]"""
+python pipelines/evaluate.py --workdir runs/omniglot-5w1s [--ways 5 --shots 1 --episodes 600]
+      [--export exported/omniglot-5w1s]   # also score the export through the device runtime"""
 
 import argparse
 import json
@@ -16,9 +17,11 @@ def main(argv=None):
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--seed", type=int, default=2024, help="fixes the test episodes")
     parser.add_argument("--steps", type=int, help="inner steps (default: the run's eval_inner_steps)")
+    parser.add_argument("--export", help="an export folder of this run: also score it on the same "
+                        "episodes through the device runtime (onnxruntime)")
     args = parser.parse_args(argv)
     report = evaluate_run(args.workdir, args.ways, args.shots, args.queries, args.episodes,
-                          args.seed, args.steps)
+                          args.seed, args.steps, args.export)
     print(json.dumps(report, indent=2))
 
 
