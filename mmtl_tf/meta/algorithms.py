@@ -82,3 +82,40 @@ def resolve(config: MetaConfig) -> MetaConfig:
         "reptile": {"reptile": True, "first_order": True},
     }[config.algorithm]
     return dataclasses.replace(config, **switches)
+
+
+def inner_rate_schedule(config: MetaConfig, learned, count: int, ways, shared_head: bool):
+    """``step -> per-parameter inner rates`` in the task layout (head rates sliced to N).
+
+    ``learned``: the learned rate variables (none; one per parameter element, Meta-SGD; or one
+    per tensor and step, MAML++). ``shared_head``: a zero or prototype head has no fixed column
+    order, so its columns share the mean of the learned head rates.
+    """
+    import tensorflow as tf  # the configuration above stays importable without TensorFlow
+
+    kind = config.learned_inner_lr
+    if kind == "none":
+        constant = [tf.constant(config.inner_lr)] * count
+        return lambda step: constant
+    if kind == "per_element":
+        rates = [tf.convert_to_tensor(v) for v in learned[:-2]]
+        if shared_head:
+            head = [tf.reduce_mean(learned[-2], axis=1, keepdims=True), tf.reduce_mean(learned[-1])]
+        else:
+            head = [learned[-2][:, :ways], learned[-1][:ways]]
+        return lambda step: rates + head
+    last = config.inner_steps - 1  # steps beyond training's use the last step's rate
+    return lambda step: [v[min(step, last)] for v in learned]
+
+
+def multi_step_weights(steps: int, iteration, anneal: int):
+    """MAML++ multi-step loss weights (steps,) at meta-step ``iteration``: uniform at first,
+    moving over ``anneal`` meta-steps to 0.03 / steps on each early step, the rest on the last."""
+    import tensorflow as tf
+
+    if steps == 1:
+        return tf.ones([1])
+    progress = tf.minimum(tf.cast(iteration, tf.float32) / float(max(anneal, 1)), 1.0)
+    early = (1.0 - progress) / steps + progress * 0.03 / steps
+    return tf.concat([tf.fill([steps - 1], early), [1.0 - (steps - 1) * early]], 0)
+

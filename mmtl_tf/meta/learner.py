@@ -13,7 +13,8 @@ import tensorflow as tf
 
 from mmtl_tf.data.episodes import Episode
 from mmtl_tf.meta import inner_loop as il
-from mmtl_tf.meta.algorithms import MetaConfig, resolve
+from mmtl_tf.meta.algorithms import (MetaConfig, inner_rate_schedule, multi_step_weights,
+                                     resolve)
 
 NONFINITE_MARKER = "mmtl_tf: non-finite meta-loss"
 
@@ -85,20 +86,9 @@ class MetaLearner(keras.Model):
 
     def learning_rates(self, ways):
         """``step -> per-parameter rates`` in the task layout (head rates sliced to N)."""
-        kind, lrs = self.config.learned_inner_lr, self.inner_lrs
-        count = len(self.meta_params)
-        if kind == "none":
-            constant = [tf.constant(self.config.inner_lr)] * count
-            return lambda step: constant
-        if kind == "per_element":
-            rates = [tf.convert_to_tensor(v) for v in lrs[:-2]]
-            if self.loop.head_init == "learned" or self.task == "regression":
-                head = [lrs[-2][:, :ways], lrs[-1][:ways]]
-            else:  # a prototype or zero head has no fixed column order: columns share the mean rate
-                head = [tf.reduce_mean(lrs[-2], axis=1, keepdims=True), tf.reduce_mean(lrs[-1])]
-            return lambda step: rates + head
-        last = self.config.inner_steps - 1
-        return lambda step: [v[min(step, last)] for v in lrs]
+        shared_head = self.loop.head_init != "learned" and self.task != "regression"
+        return inner_rate_schedule(self.config, self.inner_lrs, len(self.meta_params), ways,
+                                   shared_head)
 
     # ----- one task, many tasks -----------------------------------------------------------
     def _task_metrics(self, episode, ways, steps, first_order):
@@ -114,7 +104,8 @@ class MetaLearner(keras.Model):
         result = {"loss": post_loss, "support_loss": adapted.support_losses[-1]}
         if query_all:
             losses = tf.stack([self.loop.loss(o, episode.query_y) for o in adapted.query_outputs])
-            weights = tf.cast(self._multi_step_weights(steps), losses.dtype)
+            weights = tf.cast(multi_step_weights(steps, self.optimizer.iterations,
+                                                 self.config.multi_step_anneal), losses.dtype)
             result["meta_loss"] = tf.reduce_sum(weights * losses)
         else:
             result["meta_loss"] = post_loss
@@ -128,15 +119,6 @@ class MetaLearner(keras.Model):
             if self.task == "classification":
                 result["pre_accuracy"] = _accuracy(before, episode.query_y)
         return {name: tf.cast(value, tf.float32) for name, value in result.items()}
-
-    def _multi_step_weights(self, steps):
-        """MAML++ multi-step loss weights (steps,): uniform at first, then all on the last step."""
-        if steps == 1:
-            return tf.ones([1])
-        progress = tf.minimum(tf.cast(self.optimizer.iterations, tf.float32)
-                              / float(max(self.config.multi_step_anneal, 1)), 1.0)
-        early = (1.0 - progress) / steps + progress * 0.03 / steps
-        return tf.concat([tf.fill([steps - 1], early), [1.0 - (steps - 1) * early]], 0)
 
     def _meta_batch(self, episodes, steps, first_order):
         """Per-task metrics (each (tasks,)) for a meta-batch, tasks mapped by tf.map_fn."""
