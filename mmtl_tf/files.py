@@ -64,4 +64,3 @@ def sync_tree(folder) -> None:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
         sync_folder(root)
-

@@ -108,4 +108,3 @@ def _grey_to_8_bit(pil: Image.Image) -> Image.Image:
                          f"is outside [0, {full:g}]; save it as an 8- or 16-bit grey or colour "
                          "image")
     return Image.fromarray(np.round(values * (255.0 / full)).astype(np.uint8), mode="L")
-

@@ -118,4 +118,3 @@ def multi_step_weights(steps: int, iteration, anneal: int):
     progress = tf.minimum(tf.cast(iteration, tf.float32) / float(max(anneal, 1)), 1.0)
     early = (1.0 - progress) / steps + progress * 0.03 / steps
     return tf.concat([tf.fill([steps - 1], early), [1.0 - (steps - 1) * early]], 0)
-
