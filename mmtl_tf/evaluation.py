@@ -27,10 +27,16 @@ def evaluate_episodes(learner, episodes: Episode, steps: int | None = None,
     for name, parts in sorted(collected.items()):
         if name == "meta_loss":
             continue
-        values = np.concatenate(parts)
-        report[name] = float(values.mean())
-        report[name + "_ci95"] = float(1.96 * values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+        report[name], report[name + "_ci95"] = mean_and_ci95(np.concatenate(parts))
     return report
+
+
+def mean_and_ci95(values) -> tuple[float, float]:
+    """Mean over episodes and the half-width of its 95% confidence interval (1.96 standard
+    errors; 0 for a single episode)."""
+    values = np.asarray(values, np.float64)
+    ci = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+    return float(values.mean()), float(ci)
 
 
 def evaluate_export(folder, episodes: Episode, steps: int) -> dict:
@@ -45,10 +51,9 @@ def evaluate_export(folder, episodes: Episode, steps: int) -> dict:
         predicted = personal.logits(episodes.query_x[e]).argmax(axis=1)
         labels = np.asarray(personal.class_names)[predicted]  # class names are the int labels
         accuracies.append(float(np.mean(labels == episodes.query_y[e])))
-    values = np.asarray(accuracies)
-    ci = float(1.96 * values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    accuracy, ci = mean_and_ci95(accuracies)
     return {"runtime": "mmtl_tf.ondevice (onnxruntime)", "export": str(folder),
-            "inner_steps": steps, "episodes": len(values), "accuracy": float(values.mean()),
+            "inner_steps": steps, "episodes": len(accuracies), "accuracy": accuracy,
             "accuracy_ci95": ci}
 
 

@@ -101,3 +101,14 @@ def test_load_learner_names_what_is_missing(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="pipelines/train.py --workdir"):
         load_learner(tmp_path)
+
+
+def test_confidence_interval_is_1_96_standard_errors_over_episodes():
+    from mmtl_tf.evaluation import mean_and_ci95
+
+    rng = np.random.default_rng(4)
+    values = rng.random(7)
+    mean, ci = mean_and_ci95(values)
+    standard_error = np.sqrt(((values - values.mean()) ** 2).sum() / 6 / 7)  # ddof 1, 7 episodes
+    assert mean == pytest.approx(values.mean()) and ci == pytest.approx(1.96 * standard_error)
+    assert mean_and_ci95([0.8]) == (0.8, 0.0)
