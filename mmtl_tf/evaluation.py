@@ -47,7 +47,8 @@ def evaluate_export(folder, episodes: Episode, steps: int) -> dict:
     model = ondevice.load(folder)
     accuracies = []
     for e in range(len(episodes.support_x)):
-        personal = model.adapt(list(episodes.support_x[e]), episodes.support_y[e].tolist(), steps=steps)
+        personal = model.adapt(list(episodes.support_x[e]), episodes.support_y[e].tolist(),
+                               steps=steps)
         predicted = personal.logits(episodes.query_x[e]).argmax(axis=1)
         labels = np.asarray(personal.class_names)[predicted]  # class names are the int labels
         accuracies.append(float(np.mean(labels == episodes.query_y[e])))

@@ -103,7 +103,9 @@ def _grey_to_8_bit(pil: Image.Image) -> Image.Image:
         full = 255.0
     else:
         full = 65535.0
-    if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= full):
+    in_range = values.size == 0 or (np.isfinite(values).all() and values.min() >= 0
+                                    and values.max() <= full)
+    if not in_range:
         raise ValueError(f"a {pil.mode} image with values from {values.min()} to {values.max()} "
                          f"is outside [0, {full:g}]; save it as an 8- or 16-bit grey or colour "
                          "image")

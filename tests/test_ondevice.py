@@ -292,7 +292,8 @@ def test_cli_prints_each_query_with_its_class_and_probability(trained_export, ta
     # the command line is the API: same support set, same steps, same answers
     personal = ondevice.load(trained_export.folder).adapt_folder(root / "support")
     queries = sorted(truth)
-    for query, (label, probability) in zip(queries, personal.predict([root / "query" / q for q in queries])):
+    answers = personal.predict([root / "query" / q for q in queries])
+    for query, (label, probability) in zip(queries, answers):
         assert result["predictions"][query] == label
         assert result["probabilities"][query] == pytest.approx(probability, abs=1e-6)
 
