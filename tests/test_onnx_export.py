@@ -316,6 +316,34 @@ def test_a_dynamic_support_size_is_refused():
     assert raised.value.ops == ("Conv2DBackpropFilter",)
 
 
+@pytest.mark.parametrize("side, stride, padding, kernel", [
+    (14, 2, "SAME", 3),   # Conv4's second block: too big for the scatter matrix
+    (15, 2, "SAME", 3),   # odd side: the interleaved phases are cropped
+    (17, 3, "VALID", 3),  # three phases per axis, no padding
+    (16, 2, "SAME", 4)])  # an even kernel: phases get different numbers of taps
+def test_strided_input_gradient_is_converted_by_phases_and_matches_tensorflow(side, stride, padding,
+                                                                             kernel):
+    rng = np.random.default_rng(side)
+    x = rng.normal(size=(3, side, side, 5)).astype(np.float32)
+    w = rng.normal(size=(kernel, kernel, 5, 6)).astype(np.float32)
+
+    def input_gradient(x, w):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.nn.conv2d(x, w, stride, padding)
+            loss = tf.reduce_sum(y * tf.cos(y))  # an output gradient that varies everywhere
+        return tape.gradient(loss, x)
+
+    model = onnx_convert.to_onnx(input_gradient, [tf.TensorSpec(x.shape, tf.float32, "x"),
+                                                  tf.TensorSpec(w.shape, tf.float32, "w")], ["dx"])
+    ops = {n.op_type for n in model.graph.node}
+    assert "ConvTranspose" not in ops and "Gemm" in ops
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["dx"], {"x": x, "w": w})[0]
+    want = input_gradient(tf.constant(x), tf.constant(w)).numpy()  # entries up to ~140
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_write_onnx_replaces_the_file_atomically(models, tmp_path):
     model = models["transductive"][1]["predict"]
     path = tmp_path / "predict.onnx"
