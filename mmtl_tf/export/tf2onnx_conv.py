@@ -46,6 +46,13 @@ def _patch_rows(ctx, node, x, kernel, outputs, strides, dilations, pads):
                                                      np.int64)]).output[0]
 
 
+def _known(shape, rank: int = 4, from_axis: int = 1) -> bool:
+    """Whether ``shape`` has ``rank`` dimensions, all known from ``from_axis`` on (the batch may
+    be dynamic for the forward convolution, not for the kernel)."""
+    return (shape is not None and len(shape) == rank
+            and all(d is not None and d >= 0 for d in shape[from_axis:]))
+
+
 def _conv_geometry(ctx, node, x, kernel, output, nhwc):
     """(output sizes, strides, dilations, ONNX pads) of a TF 2-D convolution."""
     sizes = _spatial(ctx.get_shape(x), nhwc)
@@ -68,9 +75,8 @@ class Conv2D:
         x, kernel_value = node.input[:2]
         shape, kernel = ctx.get_shape(x), ctx.get_shape(kernel_value)
         out_shape = ctx.get_shape(node.output[0])
-        static = lambda s: s is not None and len(s) == 4 and all(d is not None and d >= 0 for d in s[1:])  # noqa: E731
-        if not (_nhwc(node) and static(shape) and static(out_shape) and kernel is not None
-                and all(d is not None and d >= 0 for d in kernel) and shape[3] == kernel[2]):
+        if not (_nhwc(node) and _known(shape) and _known(out_shape) and _known(kernel, from_axis=0)
+                and shape[3] == kernel[2]):
             return tf2onnx_nn.ConvOp.version_13(ctx, node, **kwargs)
         outputs, strides, dilations, pads = _conv_geometry(ctx, node, x, kernel, node.output[0], True)
         rows = _patch_rows(ctx, node, x, kernel, outputs, strides, dilations, pads)
@@ -100,8 +106,7 @@ class Conv2DBackpropInput:
     def version_13(cls, ctx, node, **kwargs):
         _, kernel_value, gradient = node.input
         shapes = [ctx.get_shape(t) for t in (node.output[0], gradient, kernel_value)]
-        known = all(s is not None and len(s) == 4 and all(d is not None and d >= 0 for d in s[1:])
-                    for s in shapes) and all(d >= 0 for d in shapes[2])
+        known = _known(shapes[0]) and _known(shapes[1]) and _known(shapes[2], from_axis=0)
         if not (known and _nhwc(node)):
             return tf2onnx_nn.ConvTranspose.version_11(ctx, node, **kwargs)
         (_, height, width, cin), (_, oh, ow, cout), kernel = shapes
