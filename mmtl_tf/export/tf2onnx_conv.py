@@ -164,10 +164,13 @@ def _subpixel_input_gradient(ctx, node, gradient, kernel_value, sizes, outputs, 
     def shift(dh, dw):  # g at coarse (r + dh, c + dw), zeros where nothing lands
         if (dh, dw) not in shifted:
             r0, r1, c0, c1 = max(0, -dh), min(oh, hc - dh), max(0, -dw), min(ow, wc - dw)
-            part = builder.make_slice({"data": gradient, "starts": [r0, c0], "ends": [r1, c1],
-                                       "axes": [1, 2]})
-            shifted[dh, dw] = ctx.make_node("Pad", [part, _const(ctx, node, "shift", [
-                0, r0 + dh, c0 + dw, 0, 0, hc - r1 - dh, wc - c1 - dw, 0], np.int64)]).output[0]
+            part, pads = gradient, [0, r0 + dh, c0 + dw, 0, 0, hc - r1 - dh, wc - c1 - dw, 0]
+            if (r0, r1, c0, c1) != (0, oh, 0, ow):  # copies only where the shift cuts or pads
+                part = builder.make_slice({"data": gradient, "starts": [r0, c0], "ends": [r1, c1],
+                                           "axes": [1, 2]})
+            if any(pads):
+                part = ctx.make_node("Pad", [part, _const(ctx, node, "shift", pads, np.int64)]).output[0]
+            shifted[dh, dw] = part
         return shifted[dh, dw]
 
     def tap_kernel(kh, kw):  # (Cin, Cout)
