@@ -111,8 +111,9 @@ PRESETS = {
     # The MAML paper's Omniglot 5-way 1-shot setting on our protocol (background characters),
     # with two product choices: a zero-initialised head (any N up to 20 at adaptation time) and
     # queries normalised with the support set's statistics, so a device can predict one image.
+    # Two inner steps: at a zero head the first step moves only the head, the second the encoder.
     "omniglot-5w1s": ExperimentConfig(
-        "omniglot-5w1s", meta=MetaConfig(inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
+        "omniglot-5w1s", meta=MetaConfig(inner_steps=2, eval_inner_steps=3, inner_lr=0.4,
                                          head_init="zero", transductive=False),
         train=TrainConfig(steps=2000, meta_batch_size=32)),
     "omniglot-20w1s": ExperimentConfig(
@@ -130,7 +131,7 @@ PRESETS = {
         "tiny", data=DataConfig(train_split="small1", eval_split="small2", ways=5, shots=1,
                                 queries=3),
         model=ModelConfig(filters=8),
-        meta=MetaConfig(inner_steps=1, eval_inner_steps=2, inner_lr=0.4),
+        meta=MetaConfig(inner_steps=2, eval_inner_steps=2, inner_lr=0.4),
         train=TrainConfig(steps=4, meta_batch_size=4, log_every=2, eval_episodes=8)),
 }
 

@@ -17,7 +17,7 @@ def evaluate_episodes(learner, episodes: Episode, steps: int | None = None,
     """
     steps = steps or learner.config.eval_inner_steps
     total = len(episodes.support_x)
-    run = tf.function(lambda e: learner._meta_batch(e, steps, True))
+    run = tf.function(lambda e: learner.task_metrics(e, steps))
     collected: dict[str, list] = {}
     for start in range(0, total, batch):
         chunk = Episode(*(tf.constant(f[start:start + batch]) for f in episodes))
@@ -56,42 +56,3 @@ def evaluate_export(folder, episodes: Episode, steps: int) -> dict:
     return {"runtime": "mmtl_tf.ondevice (onnxruntime)", "export": str(folder),
             "inner_steps": steps, "episodes": len(accuracies), "accuracy": accuracy,
             "accuracy_ci95": ci}
-
-
-def evaluate_run(workdir, ways: int | None = None, shots: int | None = None,
-                 queries: int | None = None, episodes: int = 600, seed: int = 2024,
-                 steps: int | None = None, export=None) -> dict:
-    """Evaluates a training run on fixed episodes of its protocol's test classes.
-
-    The episodes are drawn once per (ways, shots, queries, seed) and kept in
-    ``<workdir>/episodes/`` so that every later evaluation scores exactly the same tasks.
-    ``export``: an export folder of the run, also scored on those episodes by the device
-    runtime (reported under "device").
-    """
-    from pathlib import Path
-
-    from mmtl_tf.data.episode_files import draw_episodes, load_episodes, save_episodes
-    from mmtl_tf.training import load_learner, protocol_of, samplers, write_json
-
-    learner, config = load_learner(workdir)
-    d = config.data
-    ways, shots, queries = ways or d.ways, shots or d.shots, queries or d.queries
-    config = config.replace(data={"ways": ways, "shots": shots, "queries": queries})
-    if config.data.family == "omniglot" and ways > learner.config.max_ways:
-        raise ValueError(f"ways={ways} exceeds the model's max_ways={learner.config.max_ways}")
-    tag = f"{ways}w{shots}s{queries}q_seed{seed}_n{episodes}"
-    path = Path(workdir) / "episodes" / f"test_{tag}.npz"
-    if path.is_file():
-        fixed, _ = load_episodes(path)
-    else:
-        _, eval_sampler, _ = samplers(config)
-        fixed = draw_episodes(eval_sampler, seed, episodes)
-        save_episodes(path, fixed, {"ways": ways, "shots": shots, "queries": queries, "seed": seed})
-    report = {"protocol": protocol_of(config), "ways": ways, "shots": shots,
-              "queries": queries, "seed": seed, **evaluate_episodes(learner, fixed, steps)}
-    if export is not None:
-        report["device"] = evaluate_export(export, fixed, report["inner_steps"])
-        tag += "_device"
-    write_json(Path(workdir) / f"eval_{tag}.json", report)
-    return report
-

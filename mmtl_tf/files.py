@@ -22,13 +22,26 @@ def sha256(path: Path) -> str:
 def atomic_write(path, write) -> Path:
     """Calls ``write(binary file)`` on a temporary file beside ``path``, syncs it, then renames
     it over ``path``; on any failure the temporary file is removed and ``path`` is untouched."""
+
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            write(f)
+
+    return atomic_save(path, save)
+
+
+def atomic_save(path, save) -> Path:
+    """``atomic_write`` for writers that take a file name (Keras' ``save_weights``): calls
+    ``save(temporary path)``, a name beside ``path`` that ends as ``path`` does, then syncs the
+    file and renames it over ``path``; on any failure ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes),
+                               dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        save(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
         os.replace(tmp, path)

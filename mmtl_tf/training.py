@@ -2,13 +2,13 @@
 
 A run folder holds ``config.json`` (the resolved configuration), ``checkpoint.weights.h5``
 (the meta-learned weights, written atomically), ``history.json`` (metrics per logging period) and
-``metrics.json`` (the final evaluation with its protocol).
+``metrics.json`` (the final score on the validation alphabets, with its protocol: the test
+characters are scored only by ``runs.evaluate_run``, never during training).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import keras
@@ -20,7 +20,7 @@ from mmtl_tf.data.episode_files import draw_episodes
 from mmtl_tf.data.episodes import EpisodeSampler, episode_dataset
 from mmtl_tf.data.sinusoid import SinusoidSampler
 from mmtl_tf.evaluation import evaluate_episodes
-from mmtl_tf.files import atomic_write, sync_folder
+from mmtl_tf.files import atomic_save, atomic_write
 from mmtl_tf.meta.learner import NONFINITE_MARKER, MetaLearner
 from mmtl_tf.models.conv4 import conv4_encoder, mlp_encoder
 from mmtl_tf.preprocessing import Preprocessing
@@ -49,27 +49,32 @@ def build_learner(config: ExperimentConfig) -> MetaLearner:
     return learner
 
 
-def samplers(config: ExperimentConfig):
-    """(train sampler, evaluation sampler, protocol sentence) for a config."""
+PARTS = ("train", "validation", "test")
+
+
+def episode_sampler(config: ExperimentConfig, part: str):
+    """The episode sampler of one part of a config's protocol: "train" (meta-training),
+    "validation" (held-out training alphabets: every choice is made on these) or "test" (the
+    evaluation characters, for the final score only). Only the part asked for is loaded."""
+    if part not in PARTS:
+        raise ValueError(f"part={part!r} is unknown; choose one of {PARTS}")
     d = config.data
-    if d.family == "sinusoid":
-        sampler = SinusoidSampler(d.shots, d.queries)
-        return sampler, sampler, protocol_of(config)
-    from mmtl_tf.data.splits import omniglot_split
+    if d.family == "sinusoid":  # tasks are generated: the parts differ by their seeds only
+        return SinusoidSampler(d.shots, d.queries)
+    from mmtl_tf.data.splits import hold_out_validation, omniglot_split
 
     prep = Preprocessing(d.image_size, d.ink_as_one)
     if d.train_split or d.eval_split:
         from mmtl_tf.data.omniglot import load_omniglot_classes
 
-        train = load_omniglot_classes(d.train_split or "train", prep, d.data_dir, d.source_dir)
-        evaluation = load_omniglot_classes(d.eval_split or "test", prep, d.data_dir, d.source_dir)
+        load = lambda split: load_omniglot_classes(split, prep, d.data_dir, d.source_dir)  # noqa: E731
+        classes = (load(d.eval_split or "test") if part == "test" else
+                   hold_out_validation(load(d.train_split or "train"), part))
         rotations = bool(d.rotations)
     else:
-        train, rotations = omniglot_split(d.protocol, "train", prep, d.data_dir, d.source_dir)
-        evaluation, _ = omniglot_split(d.protocol, "test", prep, d.data_dir, d.source_dir)
+        classes, rotations = omniglot_split(d.protocol, part, prep, d.data_dir, d.source_dir)
         rotations = rotations if d.rotations is None else d.rotations
-    make = lambda classes: EpisodeSampler(classes, d.ways, d.shots, d.queries, d.within_alphabet, rotations)
-    return make(train), make(evaluation), protocol_of(config)
+    return EpisodeSampler(classes, d.ways, d.shots, d.queries, d.within_alphabet, rotations)
 
 
 def protocol_of(config: ExperimentConfig) -> str:
@@ -78,13 +83,24 @@ def protocol_of(config: ExperimentConfig) -> str:
     if d.family == "sinusoid":
         return "sinusoid regression, amplitude 0.1-5, phase 0-pi, x in [-5, 5]"
     if d.train_split or d.eval_split:
-        return (f"meta-trained on Omniglot {d.train_split or 'train'} characters, tested on "
-                f"{d.eval_split or 'test'} characters (quick-run splits)")
+        return (f"meta-trained on Omniglot {d.train_split or 'train'} characters minus held-out "
+                f"validation alphabets, tested on {d.eval_split or 'test'} characters "
+                "(quick-run splits)")
     return {"background": "meta-trained on Omniglot background characters (25 alphabets, 5 more "
                           "held out for validation); tested on the 659 evaluation characters "
                           "(20 unseen alphabets)",
             "vinyals": "Vinyals random split: 1200 characters x 4 rotations for meta-training, "
                        "423 x 4 for testing (only for comparison with published MAML numbers)"}[d.protocol]
+
+
+def scored_on(config: ExperimentConfig, part: str) -> str:
+    """What a score of ``part`` was measured on, stated beside it."""
+    if config.data.family == "sinusoid":
+        return f"{part} tasks (sinusoids drawn from their own seed)"
+    return {"validation": "validation alphabets (held out of the training characters; used for "
+                          "every choice)",
+            "test": "test characters (final score only; no choice is made on them)",
+            "train": "meta-training characters"}[part]
 
 
 def make_strategy(name: str | None):
@@ -110,7 +126,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "config.json", config.to_dict())
     t = config.train
-    train_sampler, eval_sampler, protocol = samplers(config)
+    train_sampler = episode_sampler(config, "train")
     with (strategy or tf.distribute.get_strategy()).scope():
         learner = build_learner(config)
         learner.compile(optimizer=_optimizer(config), jit_compile=t.jit_compile)
@@ -130,9 +146,16 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     calibrate_batch_norm(learner, train_sampler, config.data.seed)
     save_checkpoint(learner, workdir / CHECKPOINT)
     write_json(workdir / "history.json", history)
-    episodes = draw_episodes(eval_sampler, t.eval_seed, t.eval_episodes)
-    metrics = {"protocol": protocol, "ways": config.data.ways, "shots": config.data.shots,
-               "eval_seed": t.eval_seed, **evaluate_episodes(learner, episodes)}
+    metrics = {"protocol": protocol_of(config), "ways": config.data.ways,
+               "shots": config.data.shots, "eval_seed": t.eval_seed}
+    if config.data.protocol == "vinyals" and config.data.family == "omniglot":
+        metrics["validation"] = ("none: the vinyals protocol has no validation part; score the "
+                                 "test characters with pipelines/evaluate.py")
+    else:  # validation, never the test characters: runs are compared and chosen on this
+        episodes = draw_episodes(episode_sampler(config, "validation"), t.eval_seed,
+                                 t.eval_episodes)
+        metrics.update(part="validation", scored_on=scored_on(config, "validation"),
+                       **evaluate_episodes(learner, episodes))
     write_json(workdir / "metrics.json", metrics)
     return metrics
 
@@ -183,13 +206,8 @@ def write_json(path: Path, value) -> None:
 
 
 def save_checkpoint(model, path: Path) -> None:
-    """Saves weights to a temporary file, then renames it (Keras needs the .weights.h5 name)."""
-    tmp = path.with_name("checkpoint.tmp.weights.h5")
-    model.save_weights(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    sync_folder(path.parent)
+    """Saves weights atomically (``files.atomic_save``: a reader sees the old or the new file)."""
+    atomic_save(path, model.save_weights)
 
 
 class _StopAt(keras.callbacks.Callback):

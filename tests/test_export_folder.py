@@ -18,12 +18,11 @@ WAYS, SHOTS, QUERIES = 4, 2, 3
 @pytest.fixture(scope="module")
 def episode(trained_export):
     from mmtl_tf.data.episode_files import draw_episodes
-    from mmtl_tf.training import samplers
+    from mmtl_tf.training import episode_sampler
 
     _, config = load_learner(trained_export.workdir)
     config = config.replace(data={"ways": WAYS, "shots": SHOTS, "queries": QUERIES})
-    _, test_sampler, _ = samplers(config)
-    e = draw_episodes(test_sampler, seed=5, num_episodes=1)
+    e = draw_episodes(episode_sampler(config, "test"), seed=5, num_episodes=1)
     return type(e)(*(f[0] for f in e))
 
 
@@ -126,7 +125,7 @@ def test_force_replaces_a_folder_atomically(trained_export, tmp_path, monkeypatc
 
 
 def test_the_device_runtime_scores_the_fixed_episodes_as_tensorflow_does(trained_export, tmp_path):
-    from mmtl_tf.evaluation import evaluate_run
+    from mmtl_tf.runs import evaluate_run
 
     run = shutil.copytree(trained_export.workdir, tmp_path / "run")
     report = evaluate_run(run, episodes=24, export=trained_export.folder)

@@ -100,10 +100,9 @@ def test_reptile_update_is_theta_plus_epsilon_times_mean_adapted_minus_theta():
     theta = _values(learner.meta_params)
 
     phis = []
-    for t in range(TASKS):  # each task adapts on its support and query examples together
-        x = tf.concat([batch.support_x[t], batch.query_x[t]], 0)
-        y = tf.concat([batch.support_y[t], batch.query_y[t]], 0)
-        phis.append(_sgd_on_task(learner.encoder, theta, x, y, WAYS, inner_steps, inner_lr))
+    for t in range(TASKS):  # each task adapts on its support set (its queries are held out)
+        phis.append(_sgd_on_task(learner.encoder, theta, batch.support_x[t], batch.support_y[t],
+                                 WAYS, inner_steps, inner_lr))
     learner.fit(dataset, verbose=0)
 
     updated = _values(learner.meta_params)
@@ -136,12 +135,14 @@ def _adapted_accuracy(learner, classes, ways, seed):
     return float(np.mean(hits))
 
 
-@pytest.mark.parametrize("head_init,inner_lr,eval_steps", [("zero", 0.4, 8), ("proto", 0.1, 3)])
+# A zero head trains two inner steps: its first moves only the head.
+@pytest.mark.parametrize("head_init,inner_lr,inner_steps,eval_steps",
+                         [("zero", 0.4, 2, 8), ("proto", 0.1, 1, 3)])
 def test_model_meta_trained_five_way_adapts_to_three_and_twelve_ways(head_init, inner_lr,
-                                                                     eval_steps):
+                                                                     inner_steps, eval_steps):
     classes = _pattern_classes()
     train, test = classes.select(np.arange(24)), classes.select(np.arange(24, 40))
-    learner = _learner(MetaConfig(head_init=head_init, max_ways=20, inner_steps=1,
+    learner = _learner(MetaConfig(head_init=head_init, max_ways=20, inner_steps=inner_steps,
                                   eval_inner_steps=eval_steps, inner_lr=inner_lr), filters=16)
     learner.compile(optimizer=keras.optimizers.Adam(3e-3))
     learner.fit(episode_dataset(EpisodeSampler(train, WAYS, SHOTS, QUERIES), seed=0,
@@ -331,7 +332,7 @@ def test_mamlpp_multi_step_loss_weights_every_step_then_anneals_to_the_last():
     for iteration, weights in ((0, [1 / 3, 1 / 3, 1 / 3]),
                                (anneal, [0.01, 0.01, 0.98])):  # 0.03 / steps on early steps
         learner.optimizer.iterations.assign(iteration)
-        meta = learner._meta_batch(batch, steps, False)["meta_loss"].numpy()
+        meta = learner.task_metrics(batch, steps, False, training=True)["meta_loss"].numpy()
         np.testing.assert_allclose(meta, np.array(weights) @ per_step, rtol=1e-5)
 
 

@@ -48,11 +48,9 @@ def _exportable(transductive, head_init, learned_lr, downsample="stride"):
     learner = build_learner(config)
     if learned_lr == "per_element":  # rates that differ per element, so a mixed-up input shows
         rng = np.random.default_rng(7)
-        for lr in learner.inner_lrs[:-2]:
-            lr.assign(rng.uniform(0.2, 0.6, lr.shape).astype(np.float32))
-        # a zero head has no column order: TF shares one rate per row, so columns are equal
-        rows = rng.uniform(0.2, 0.6, (learner.inner_lrs[-2].shape[0], 1))
-        learner.inner_lrs[-2].assign(np.repeat(rows, MAX_WAYS, axis=1).astype(np.float32))
+        for lr in learner.inner_lrs:  # unequal head columns too: a zero head has no column
+            lr.assign(rng.uniform(0.2, 0.6, lr.shape).astype(np.float32))  # order, TF shares
+        # their mean, and the export must ship that one rule (Exportable.initial_lrs)
     spec = ExportSpec(28, 1, MAX_WAYS, MAX_SHOTS, transductive, learned_lr)
     return Exportable(learner, spec)
 
@@ -254,13 +252,16 @@ def test_support_logits_are_predict_on_the_support_set_with_its_statistics(model
 
 
 @pytest.mark.parametrize("kind", ["transductive", "support_stats"])
-def test_meta_init_is_predict_at_the_meta_parameters(models, kind):
+def test_meta_init_is_the_keras_model_in_inference_mode(models, kind):
+    """As serving_default: the calibrated statistics, in both batch-norm modes (a batch of 6
+    random images has statistics far from the stored ones, so batch statistics would show)."""
     ex, graphs = models[kind]
     images = np.random.default_rng(4).uniform(size=(6, 28, 28, 1)).astype(np.float32)
-    stats = None if ex.spec.transductive else ex.bn_state
     got = Runner({"m": graphs["meta_init"]}, "disable_all")("m", images=images)["logits"]
-    np.testing.assert_allclose(got, ex.predict(tf.constant(images), ex.params, stats).numpy(),
-                               rtol=0, atol=1e-5)
+    want = ex.learner(tf.constant(images), training=False).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    batch_stats = ex.predict(tf.constant(images), ex.params, None).numpy()
+    assert np.abs(batch_stats - want).max() > 1e-2
 
 
 def test_every_graph_is_plain_checked_onnx_with_the_exact_interface(models):

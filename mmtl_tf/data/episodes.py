@@ -80,6 +80,7 @@ class EpisodeSampler:
     def __init__(self, classes: ClassImages, ways: int, shots: int, queries: int,
                  within_group: bool = False, rotations: bool = False):
         check_episode_shape(classes, ways, shots, queries, within_group, rotations)
+        self.classes = classes  # the classes episodes are drawn from (before rotations)
         self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
         self.within_group, self.rotations = bool(within_group), bool(rotations)
         repeat = ROTATIONS if rotations else 1

@@ -25,10 +25,22 @@ SPLIT_SEED = 0  # fixed: every user and every run sees the same split
 
 
 def validation_groups(train_classes: ClassImages) -> np.ndarray:
-    """The background alphabets held out for validation (group ids), fixed by SPLIT_SEED."""
+    """The alphabets held out for validation (group ids), fixed by SPLIT_SEED: 5 of the 30
+    background alphabets, and one in six (at least one) of a smaller set of alphabets."""
     groups = np.unique(train_classes.groups)
+    count = min(VALIDATION_ALPHABETS, max(1, len(groups) // 6))
+    if len(groups) < 2:
+        raise ValueError(f"the training classes hold {len(groups)} alphabet(s); holding one out "
+                         "for validation needs at least 2")
     rng = np.random.default_rng(SPLIT_SEED)
-    return np.sort(rng.choice(groups, VALIDATION_ALPHABETS, replace=False))
+    return np.sort(rng.choice(groups, count, replace=False))
+
+
+def hold_out_validation(train_classes: ClassImages, part: str) -> ClassImages:
+    """The "train" or "validation" part of a set of training classes: the alphabets of
+    ``validation_groups`` are validation, never meta-trained on."""
+    held_out = np.isin(train_classes.groups, validation_groups(train_classes))
+    return train_classes.select(np.flatnonzero(held_out if part == "validation" else ~held_out))
 
 
 def omniglot_split(protocol: str, part: str, prep: Preprocessing, data_dir=None,
@@ -47,9 +59,7 @@ def omniglot_split(protocol: str, part: str, prep: Preprocessing, data_dir=None,
     if protocol == "background":
         if part == "test":
             return load("test"), False
-        background = load("train")
-        held_out = np.isin(background.groups, validation_groups(background))
-        return background.select(np.flatnonzero(held_out if part == "validation" else ~held_out)), False
+        return hold_out_validation(load("train"), part), False
     if part == "validation":
         raise ValueError("the vinyals protocol has no validation part (published MAML numbers use "
                          "train and test only); use protocol='background' for validation.")

@@ -203,14 +203,14 @@ def export_graphs(exportable, names=None, opset: int = OPSET) -> dict[str, onnx.
 def meta_init(exportable, opset: int = OPSET) -> onnx.ModelProto:
     """The classifier at the meta-learned weights: images (B, ...) -> logits (B, max_ways).
 
-    Batch norm: a transductive model normalises each batch with its own statistics (there is
-    no support set); a non-transductive one uses the statistics stored in the encoder's
-    non-trainable variables, i.e. those of the last support batch seen in meta-training (batch
-    norm has momentum 0). With a "zero" or "proto" head the head is the unused head variable:
-    only the features, not the logits, mean anything before a task's head is initialised.
+    Batch norm in inference mode with the statistics calibrated at the end of meta-training
+    (``training.calibrate_batch_norm``), in either batch-norm mode: there is no support set to
+    take statistics from, and so it computes what ``MetaLearner(images)`` and the SavedModel's
+    ``serving_default`` compute. With a "zero" or "proto" head the head is the unused head
+    variable: only the features, not the logits, mean anything before a task's head is set.
     """
-    stats = None if exportable.spec.transductive else exportable.bn_state
-    return personalized(exportable, exportable.params, stats, opset, graph_name="meta_init")
+    return personalized(exportable, exportable.params, exportable.bn_state, opset,
+                        graph_name="meta_init")
 
 
 def personalized(exportable, params, bn_state=None, opset: int = OPSET,
@@ -224,9 +224,9 @@ def personalized(exportable, params, bn_state=None, opset: int = OPSET,
     for name, p, ref in zip(ex.names[:-2], params, ex.params):
         if tuple(np.shape(p)) != tuple(ref.shape):
             raise ValueError(f"param {name} has shape {np.shape(p)}, expected {tuple(ref.shape)}")
-    if ex.spec.transductive != (bn_state is None):
-        raise ValueError("a transductive model takes no bn_state (batch statistics), a "
-                         "non-transductive one needs the support statistics from support_stats")
+    if not ex.spec.transductive and bn_state is None:
+        raise ValueError("a non-transductive model needs the support statistics from "
+                         "support_stats as bn_state")
     weights = [np.asarray(p, ref.dtype.as_numpy_dtype) for p, ref in zip(params, ex.params)]
     stats = None if bn_state is None else [np.asarray(v, np.float32) for v in bn_state]
 

@@ -77,7 +77,7 @@ class AdaptationModule(tf.Module):
 
         def body(i, *ps):
             rates = lrs
-            if self.per_step:  # MAML++: one rate per step, the last one beyond
+            if self.per_step:  # MAML++: algorithms.rate_step's rule, on a step tensor
                 rates = [tf.gather(lr, tf.minimum(i, tf.shape(lr)[0] - 1)) for lr in lrs]
             _, new = ex.adapt_step(support_x, support_y, mask, class_mask, list(ps), rates)
             return (i + 1, *new)

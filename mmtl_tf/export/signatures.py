@@ -85,14 +85,13 @@ class Exportable:
         return [tf.TensorSpec([], tf.float32, "lr_" + n) for n in self.names]
 
     def initial_lrs(self, step: int = 0):
-        """The learning rates the meta-training ended with, for inner step ``step``."""
-        kind, lrs = self.spec.learned_inner_lr, self.learner.inner_lrs
-        if kind == "none":
-            return [tf.constant(self.learner.config.inner_lr, tf.float32)] * len(self.params)
-        if kind == "per_element":
-            return [tf.convert_to_tensor(v) for v in lrs]
-        last = self.learner.config.inner_steps - 1
-        return [tf.convert_to_tensor(v)[min(step, last)] for v in lrs]
+        """The learning rates of inner step ``step`` as the inner loop uses them
+        (``MetaLearner.learning_rates``, the one rule), each broadcast to the shape its input
+        takes (``lr_specs``): a zero or prototype head's shared Meta-SGD rate fills every column."""
+        rates = self.learner.learning_rates(self.spec.max_ways)(step)
+        if self.spec.learned_inner_lr == "per_element":
+            return [tf.broadcast_to(tf.cast(r, tf.float32), p.shape) for r, p in zip(rates, self.params)]
+        return [tf.cast(r, tf.float32) for r in rates]
 
     def stored_lrs(self):
         """The rates to ship: per parameter, the rate (scalar or per element), or for MAML++

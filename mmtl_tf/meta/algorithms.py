@@ -40,7 +40,7 @@ class MetaConfig:
     """
 
     algorithm: str = "maml"
-    inner_steps: int = 1
+    inner_steps: int = 2  # a zero head's first step moves only the head (see training_problem)
     eval_inner_steps: int = 3
     inner_lr: float = 0.4
     first_order: bool = False
@@ -84,6 +84,34 @@ def resolve(config: MetaConfig) -> MetaConfig:
     return dataclasses.replace(config, **switches)
 
 
+def training_problem(config: MetaConfig, head_init: str) -> str | None:
+    """Why meta-training ``config`` would not do what its name says, or None.
+
+    ``head_init`` is the head the task starts from ("learned" for regression, whatever the
+    config says). At a zero head the support loss does not depend on the encoder (its features
+    meet a zero matrix), so the first inner step moves only the head: with one step, MAML and
+    its relatives train exactly what ANIL trains, and Reptile (whose zero head has no meta-head
+    to move) learns nothing at all.
+    """
+    config = resolve(config)
+    if head_init != "zero" or config.inner_steps > 1 or config.adapt_head_only:
+        return None
+    if config.reptile:
+        return ("algorithm='reptile' with head_init='zero' and inner_steps=1 learns nothing: the "
+                "encoder's inner gradient is zero at a zero head and a zero head has no meta-head "
+                "to move; use inner_steps>=2 or head_init='learned'")
+    return (f"algorithm={config.algorithm!r} with head_init='zero' and inner_steps=1 never adapts "
+            "the encoder in training (its inner gradient is zero at a zero head), so it trains "
+            "what ANIL trains; use inner_steps>=2, head_init='proto' or 'learned', or say "
+            "algorithm='anil'")
+
+
+def rate_step(step: int, learned_steps: int) -> int:
+    """Which learned per-step rate (MAML++) inner step ``step`` uses: its own, or the last
+    learned one for steps beyond training's (evaluation and devices may adapt for longer)."""
+    return min(step, learned_steps - 1)
+
+
 def inner_rate_schedule(config: MetaConfig, learned, count: int, ways, shared_head: bool):
     """``step -> per-parameter inner rates`` in the task layout (head rates sliced to N).
 
@@ -104,8 +132,7 @@ def inner_rate_schedule(config: MetaConfig, learned, count: int, ways, shared_he
         else:
             head = [learned[-2][:, :ways], learned[-1][:ways]]
         return lambda step: rates + head
-    last = config.inner_steps - 1  # steps beyond training's use the last step's rate
-    return lambda step: [v[min(step, last)] for v in learned]
+    return lambda step: [v[rate_step(step, config.inner_steps)] for v in learned]
 
 
 def multi_step_weights(steps: int, iteration, anneal: int):

@@ -144,6 +144,7 @@ class Adapted(typing.NamedTuple):
     params: list
     support_losses: tf.Tensor
     query_outputs: list  # query outputs after each step (empty if no query was given)
+    start: list  # the fast weights the task started from (``InnerLoop.task_params``)
 
 
 def adapt(loop: InnerLoop, meta_params, support_x, support_y, ways, steps: int,
@@ -164,8 +165,8 @@ def adapt(loop: InnerLoop, meta_params, support_x, support_y, ways, steps: int,
       sample_mask: (S,) marks the real rows of a padded support set; class_mask: (N,) the
         active classes of a head wider than the task. The exported graphs use both.
     """
-    params = loop.task_params(meta_params, support_x, support_y, ways, sample_mask)
-    support_losses, query_outputs = [], []
+    start = loop.task_params(meta_params, support_x, support_y, ways, sample_mask)
+    params, support_losses, query_outputs = start, [], []
     for step in range(steps):
         loss, params = loop.step(params, support_x, support_y, learning_rates(step), first_order,
                                  sample_mask, class_mask)
@@ -174,7 +175,7 @@ def adapt(loop: InnerLoop, meta_params, support_x, support_y, ways, steps: int,
             query_outputs.append(query_logits(loop, params, support_x, query_x))
     final = loop.logits(params, support_x, sample_mask=sample_mask, class_mask=class_mask)
     support_losses.append(loop.loss(final, support_y, sample_mask))
-    return Adapted(params, tf.stack(support_losses), query_outputs)
+    return Adapted(params, tf.stack(support_losses), query_outputs, start)
 
 
 def check_input_shape(encoder, x) -> None:

@@ -14,7 +14,7 @@ import tensorflow as tf
 from mmtl_tf.data.episodes import Episode
 from mmtl_tf.meta import inner_loop as il
 from mmtl_tf.meta.algorithms import (MetaConfig, inner_rate_schedule, multi_step_weights,
-                                     resolve)
+                                     resolve, training_problem)
 
 NONFINITE_MARKER = "mmtl_tf: non-finite meta-loss"
 
@@ -91,10 +91,12 @@ class MetaLearner(keras.Model):
                                    shared_head)
 
     # ----- one task, many tasks -----------------------------------------------------------
-    def _task_metrics(self, episode, ways, steps, first_order):
-        """Adapts to one task (no task axis). Returns a dict of scalar tensors."""
+    def _task_metrics(self, episode, ways, steps, first_order, training=False):
+        """Adapts to one task (no task axis). Returns (dict of scalar tensors, fast weights the
+        task started from, adapted fast weights). ``training`` adds MAML++'s multi-step loss
+        (``meta_loss``), whose weights follow the optimizer's step counter."""
         meta_params = [tf.convert_to_tensor(p) for p in self.meta_params]
-        query_all = self.config.multi_step_loss
+        query_all = self.config.multi_step_loss and training
         adapted = il.adapt(self.loop, meta_params, episode.support_x, episode.support_y, ways,
                            steps, self.learning_rates(ways), first_order,
                            query_x=episode.query_x if query_all else None)
@@ -112,22 +114,25 @@ class MetaLearner(keras.Model):
         if self.task == "classification":
             result["accuracy"] = _accuracy(outputs, episode.query_y)
         if self.config.track_pre_adaptation:
-            start = [tf.stop_gradient(p) for p in self.loop.task_params(
-                meta_params, episode.support_x, episode.support_y, ways)]
-            before = il.query_logits(self.loop, start, episode.support_x, episode.query_x)
+            before = il.query_logits(self.loop, [tf.stop_gradient(p) for p in adapted.start],
+                                     episode.support_x, episode.query_x)
             result["pre_loss"] = self.loop.loss(before, episode.query_y)
             if self.task == "classification":
                 result["pre_accuracy"] = _accuracy(before, episode.query_y)
-        return {name: tf.cast(value, tf.float32) for name, value in result.items()}
+        metrics = {name: tf.cast(value, tf.float32) for name, value in result.items()}
+        return metrics, adapted.start, adapted.params
 
-    def _meta_batch(self, episodes, steps, first_order):
-        """Per-task metrics (each (tasks,)) for a meta-batch, tasks mapped by tf.map_fn."""
+    def task_metrics(self, episodes, steps, first_order=True, training=False):
+        """Per-task metrics (each (tasks,)) of a meta-batch, tasks mapped by tf.map_fn:
+        ``loss``/``accuracy`` of the queries after ``steps`` inner steps, ``support_loss``,
+        ``pre_loss``/``pre_accuracy`` before adaptation, and the ``meta_loss`` training
+        minimises (see ``_task_metrics``)."""
         ways = self._ways(episodes)
-        names = self._metric_names() + ["meta_loss"]
-        signature = {n: tf.TensorSpec([], tf.float32) for n in names}
-        return tf.map_fn(lambda e: self._task_metrics(Episode(*e), ways, steps, first_order),
-                         tuple(episodes), fn_output_signature=signature,
-                         parallel_iterations=self.config.parallel_iterations)
+        signature = {n: tf.TensorSpec([], tf.float32) for n in self._metric_names() + ["meta_loss"]}
+        return tf.map_fn(
+            lambda e: self._task_metrics(Episode(*e), ways, steps, first_order, training)[0],
+            tuple(episodes), fn_output_signature=signature,
+            parallel_iterations=self.config.parallel_iterations)
 
     def _ways(self, episodes):
         if self.task == "regression":
@@ -187,10 +192,11 @@ class MetaLearner(keras.Model):
         first_order = self._first_order()
         variables = self.meta_variables
         with tf.GradientTape() as tape:
-            per_task = self._meta_batch(data, self.config.inner_steps, first_order)
+            per_task = self.task_metrics(data, self.config.inner_steps, first_order, training=True)
             loss = tf.reduce_mean(per_task["meta_loss"]) + self._regularizer()
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            scaled = loss / replicas  # gradients are summed across replicas
+            # Gradients are summed across replicas; a loss-scale optimizer (mixed_float16)
+            # scales the loss here and unscales the gradients in apply().
+            scaled = self.optimizer.scale_loss(loss / _replicas())
         grads = tape.gradient(scaled, variables)
         finite = self._apply_if_finite(loss, grads, variables)
         return self._record(per_task, finite)
@@ -202,7 +208,7 @@ class MetaLearner(keras.Model):
 
     def test_step(self, data):
         data = as_episodes(data)
-        return self._record(self._meta_batch(data, self.config.eval_inner_steps, True))
+        return self._record(self.task_metrics(data, self.config.eval_inner_steps))
 
     def _first_order(self):
         if self.config.first_order:
@@ -216,15 +222,29 @@ class MetaLearner(keras.Model):
             return 0.0
         return self.config.weight_decay * tf.add_n([tf.reduce_sum(tf.square(p)) for p in self.meta_params])
 
+    def compile(self, optimizer="adam", **kwargs):
+        """Keras' compile, after refusing a configuration whose meta-training would not do what
+        its name says (``algorithms.training_problem``). Keras wraps the optimizer in a
+        LossScaleOptimizer under the mixed_float16 policy; ``train_step`` scales the loss."""
+        problem = training_problem(self.config, self.loop.head_init)
+        if problem:
+            raise ValueError(problem)
+        super().compile(optimizer=optimizer, **kwargs)
+
     def _apply_if_finite(self, loss, grads, variables):
         """Applies the outer update; a non-finite loss or gradient stops training instead.
 
         XLA (``jit_compile=True``) drops assertions: there the non-finite step's gradients are
         zeroed instead, so no NaN reaches the weights, and the returned flag (False: the update
-        was dropped) goes into the logs, on which training stops.
+        was dropped) goes into the logs, on which training stops. Under loss scaling a
+        non-finite gradient is an overflow of the scaled loss, not a divergence: the
+        LossScaleOptimizer skips that step and lowers its scale, so only the loss is checked.
         """
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-        finite = tf.logical_and(finite, tf.math.is_finite(loss))
+        finite = tf.math.is_finite(loss)
+        loss_scaling = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        if not loss_scaling:
+            finite = tf.logical_and(finite, tf.reduce_all(
+                [tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
         check = tf.debugging.Assert(finite, [
             NONFINITE_MARKER, "at meta-step", self.optimizer.iterations + 1,
             "(loss", loss, f"); inner_lr={self.config.inner_lr} or the meta learning rate is "
@@ -237,26 +257,25 @@ class MetaLearner(keras.Model):
     def _reptile_step(self, data):
         """theta <- theta + epsilon * (mean adapted phi - theta), epsilon from the optimizer.
 
-        Each task adapts on its support and query examples together. The pseudo-gradient
-        (theta - phi) goes to the compiled optimizer, so plain SGD with learning rate epsilon
-        applies exactly the Reptile formula. Only a learned head has a meta-head to move.
+        Each task adapts on its support set (the Reptile paper's inner loop on the task's K
+        shots); the same adaptation gives the held-out query metrics every algorithm reports.
+        The pseudo-gradient (theta - phi) goes to the compiled optimizer, so plain SGD with
+        learning rate epsilon applies exactly the Reptile formula. Only a learned head has a
+        meta-head to move.
         """
         ways = self._ways(data)
         theta = [tf.convert_to_tensor(p) for p in self.meta_params]
-        lrs = self.learning_rates(ways)
 
-        def delta_one(fields):
-            e = Episode(*fields)
-            x = tf.concat([e.support_x, e.query_x], 0)
-            y = tf.concat([e.support_y, e.query_y], 0)
-            start = self.loop.task_params(theta, x, y, ways)
-            phi = il.adapt(self.loop, theta, x, y, ways, self.config.inner_steps, lrs, True).params
-            return [a - b for a, b in zip(start, phi)]
+        def one_task(fields):
+            metrics, start, phi = self._task_metrics(Episode(*fields), ways,
+                                                     self.config.inner_steps, True, training=True)
+            return metrics, [a - b for a, b in zip(start, phi)]
 
-        signature = [tf.TensorSpec(p.shape, tf.float32) for p in theta[:-2]] + [
+        metrics = {n: tf.TensorSpec([], tf.float32) for n in self._metric_names() + ["meta_loss"]}
+        deltas = [tf.TensorSpec(p.shape, tf.float32) for p in theta[:-2]] + [
             tf.TensorSpec([theta[-2].shape[0], ways], tf.float32), tf.TensorSpec([ways], tf.float32)]
-        deltas = tf.map_fn(delta_one, tuple(data), fn_output_signature=signature,
-                           parallel_iterations=self.config.parallel_iterations)
+        per_task, deltas = tf.map_fn(one_task, tuple(data), fn_output_signature=(metrics, deltas),
+                                     parallel_iterations=self.config.parallel_iterations)
         grads = [tf.reduce_mean(d, 0) for d in deltas]
         extra = self.config.max_ways - ways if self.task == "classification" else 0
         if self.loop.head_init == "learned":
@@ -264,7 +283,9 @@ class MetaLearner(keras.Model):
         else:
             grads[-2:] = [tf.zeros_like(theta[-2]), tf.zeros_like(theta[-1])]
         grads += [tf.zeros_like(v) for v in self.inner_lrs]
-        per_task = self._meta_batch(data, self.config.inner_steps, True)
+        # As train_step's loss: summed across replicas, unscaled by a loss-scale optimizer.
+        scale = self.optimizer.scale_loss(tf.constant(1.0)) / _replicas()
+        grads = [g * tf.cast(scale, g.dtype) for g in grads]
         finite = self._apply_if_finite(tf.reduce_mean(per_task["loss"]), grads, self.meta_variables)
         return self._record(per_task, finite)
 
@@ -301,6 +322,11 @@ class MetaLearner(keras.Model):
         if not self.loop.transductive and support_x is None:
             raise ValueError("non-transductive batch norm needs the support set: pass support_x")
         return il.query_logits(self.loop, params, support_x, tf.convert_to_tensor(query_x))
+
+
+def _replicas() -> int:
+    """Replicas of the current tf.distribute strategy, across which gradients are summed."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def _accuracy(logits, labels):
