@@ -60,18 +60,54 @@ class ModelConfig:
     hidden: tuple[int, ...] = (40, 40)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The outer loop: Adam on the meta-batch mean query loss."""
+    """The outer loop: Adam on the meta-batch mean query loss.
+
+    Attributes:
+      steps: meta-steps of the run; log_every: steps per logging period (history row).
+      checkpoint_every: steps between checkpoints (the last two are kept; one more at the end).
+      eval_every: steps between validations on ``eval_episodes`` fixed episodes of the
+        validation alphabets (seed ``eval_seed``); the best state is kept. 0: only at the end.
+      lr_schedule: "constant" or "cosine" (decay to ``meta_lr * lr_floor`` over the run, after
+        ``warmup_steps`` of linear warm-up from 0).
+      early_stopping_patience: stop after this many validations without improvement (0: off).
+    """
 
     steps: int = 2000
     meta_batch_size: int = 32
     meta_lr: float = 1e-3
     log_every: int = 100
+    checkpoint_every: int = 500
+    eval_every: int = 500
     eval_episodes: int = 200
     eval_seed: int = 1234
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    lr_floor: float = 0.0
+    early_stopping_patience: int = 0
     jit_compile: bool = False
     mixed_precision: str | None = None  # None, "mixed_bfloat16" or "mixed_float16"
+
+    def __post_init__(self):
+        for name in ("steps", "meta_batch_size", "log_every", "checkpoint_every", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("eval_every", "warmup_steps", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"train.lr_schedule={self.lr_schedule!r} is unknown; choose one of "
+                             f"{LR_SCHEDULES}")
+        if self.warmup_steps >= self.steps and self.lr_schedule == "cosine":
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} leaves no decay in "
+                             f"{self.steps} steps; lower it")
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError("train.early_stopping_patience needs validation during the run: "
+                             "set train.eval_every")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +168,8 @@ PRESETS = {
                                 queries=3),
         model=ModelConfig(filters=8),
         meta=MetaConfig(inner_steps=2, eval_inner_steps=2, inner_lr=0.4),
-        train=TrainConfig(steps=4, meta_batch_size=4, log_every=2, eval_episodes=8)),
+        train=TrainConfig(steps=4, meta_batch_size=4, log_every=2, checkpoint_every=2,
+                          eval_every=2, eval_episodes=8)),
 }
 
 
@@ -140,3 +177,28 @@ def preset(name: str) -> ExperimentConfig:
     if name not in PRESETS:
         raise ValueError(f"preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+SECTIONS = ("data", "model", "meta", "train")
+
+
+def apply_overrides(config: ExperimentConfig, overrides) -> ExperimentConfig:
+    """``config`` with ``section.field=value`` overrides applied (values read as JSON, else
+    as text), e.g. ["train.meta_lr=5e-4", "meta.head_init=proto"]. Unknown names are refused."""
+    changes: dict[str, dict] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, _, field = key.strip().partition(".")
+        if not sep or section not in SECTIONS or not field:
+            raise ValueError(f"--set {item!r} is not SECTION.FIELD=VALUE with SECTION one of "
+                             f"{SECTIONS}, e.g. --set train.meta_lr=5e-4")
+        known = {f.name for f in dataclasses.fields(getattr(config, section))}
+        if field not in known:
+            raise ValueError(f"--set {item!r}: {section} has no field {field!r}; known: "
+                             f"{', '.join(sorted(known))}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        changes.setdefault(section, {})[field] = tuple(value) if isinstance(value, list) else value
+    return config.replace(**changes)

@@ -1,35 +1,39 @@
 """train(config, workdir): what pipelines/train.py and the tests both call.
 
-A run folder holds ``config.json`` (the resolved configuration), ``checkpoint.weights.h5``
-(the meta-learned weights, written atomically), ``history.json`` (metrics per logging period) and
-``metrics.json`` (the final score on the validation alphabets, with its protocol: the test
-characters are scored only by ``runs.evaluate_run``, never during training).
+A run folder holds ``config.json`` (the resolved configuration), ``checkpoints/`` (the last two
+periodic states and the best by validation, see ``mmtl_tf.checkpoints``), ``history.csv`` (the
+meta-metrics of each logging period), ``tensorboard/`` (the same scalars), ``curves.png`` and
+``metrics.json`` (the validation report of the end of training, with its protocol: the test
+characters are scored only by ``runs.evaluate_run``, never during training). Rerunning the same
+command on the folder resumes the run exactly where its last checkpoint left it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
+from mmtl_tf import checkpoints
 from mmtl_tf.config import ExperimentConfig
 from mmtl_tf.data.episode_files import draw_episodes
 from mmtl_tf.data.episodes import EpisodeSampler, episode_dataset
 from mmtl_tf.data.sinusoid import SinusoidSampler
 from mmtl_tf.evaluation import evaluate_episodes
-from mmtl_tf.files import atomic_save, atomic_write
+from mmtl_tf.files import atomic_write
 from mmtl_tf.meta.learner import NONFINITE_MARKER, MetaLearner
 from mmtl_tf.models.conv4 import conv4_encoder, mlp_encoder
 from mmtl_tf.preprocessing import Preprocessing
+from mmtl_tf.run_callbacks import (MetricsLog, NonFiniteLossError, RunFolder, StopSignals,
+                                   TrainingInterrupted)
 
-CHECKPOINT = "checkpoint.weights.h5"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Meta-training produced a non-finite loss; no checkpoint was written for that step."""
+RUN_FILES = ("config.json", "metrics.json", "history.csv", "curves.png", checkpoints.FOLDER,
+             "tensorboard")
+WHERE_DATA_IS = ("data_dir", "source_dir")  # where data is found does not change a run
 
 
 def build_learner(config: ExperimentConfig) -> MetaLearner:
@@ -114,48 +118,126 @@ def make_strategy(name: str | None):
     raise ValueError(f"strategy={name!r} is not one of 'default', 'mirrored', 'multiworker'")
 
 
-def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=None) -> dict:
-    """Meta-trains with fit() and evaluates on fixed held-out episodes. Returns the metrics.
+def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=None,
+          verbose: int | None = None) -> dict:
+    """Meta-trains with fit(), validating and checkpointing as it goes; resumes a run folder of
+    the same configuration where its last checkpoint left it. Returns the final metrics.
 
-    ``strategy``: a tf.distribute strategy; the meta-batch is split across its replicas.
+    ``overwrite`` starts over in a folder that holds a run; ``strategy``: a tf.distribute
+    strategy, the meta-batch split across its replicas; ``verbose``: Keras' (None: a progress
+    bar on a terminal, one line per period otherwise). Raises TrainingInterrupted after SIGINT
+    or SIGTERM (a checkpoint was written) and NonFiniteLossError on a diverging run.
     """
     workdir = Path(workdir)
-    if (workdir / CHECKPOINT).exists() and not overwrite:
-        raise FileExistsError(f"{workdir} already holds a checkpoint; choose another --workdir "
-                              "or pass --force to overwrite it")
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_json(workdir / "config.json", config.to_dict())
+    _prepare(config, workdir, overwrite)
     t = config.train
     train_sampler = episode_sampler(config, "train")
+    validation = _validation_episodes(config)
     with (strategy or tf.distribute.get_strategy()).scope():
         learner = build_learner(config)
         learner.compile(optimizer=_optimizer(config), jit_compile=t.jit_compile)
-    dataset = episode_dataset(train_sampler, config.data.seed, meta_batch_size=t.meta_batch_size)
-    log_every = max(1, min(t.log_every, t.steps))
-    history = []
-    try:  # the last logging period may be shorter: _StopAt ends fit after exactly t.steps
-        learner.fit(dataset, steps_per_epoch=log_every, epochs=-(-t.steps // log_every),
-                    verbose=2, shuffle=False,
-                    callbacks=[_StopAt(t.steps, config.meta.inner_lr),
-                               _AtomicCheckpoint(workdir / CHECKPOINT), _History(history)])
-    except tf.errors.InvalidArgumentError as err:
-        if NONFINITE_MARKER in str(err):
-            raise NonFiniteLossError(str(err).split(NONFINITE_MARKER)[-1].split("\n")[0].strip(
-                " .[]") + f" -- last good checkpoint kept in {workdir}") from None
-        raise
-    calibrate_batch_norm(learner, train_sampler, config.data.seed)
-    save_checkpoint(learner, workdir / CHECKPOINT)
-    write_json(workdir / "history.json", history)
+    step, state = 0, {}
+    if (latest := checkpoints.latest(workdir)) is not None:
+        record = checkpoints.restore(learner, latest)
+        step, state = record.pop("step"), record
+        if step >= t.steps and (workdir / "metrics.json").is_file():
+            print(f"{workdir} holds a finished run of {t.steps} meta-steps; nothing to do")
+            return json.loads((workdir / "metrics.json").read_text())
+        print(f"resuming {workdir} at meta-step {step} of {t.steps} ({latest.name})")
+    signals = StopSignals()
+    run = RunFolder(workdir, t.steps, t.checkpoint_every, t.eval_every if validation else 0,
+                    t.early_stopping_patience,
+                    lambda: evaluate_episodes(learner, validation), signals, config.meta.inner_lr,
+                    state, prepare=lambda: calibrate_batch_norm(learner, train_sampler,
+                                                                config.data.seed))
+    log = MetricsLog(workdir, run, resumed_step=step)
+    run.on_checkpoint = log.write_curves
+    verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
+    with signals:
+        try:
+            for start, period, periods in _periods(step, t.steps, t.log_every):
+                dataset = episode_dataset(train_sampler, config.data.seed,
+                                          meta_batch_size=t.meta_batch_size, start=start)
+                learner.fit(dataset, steps_per_epoch=period, epochs=periods, verbose=verbose,
+                            shuffle=False, callbacks=[run, log])
+                if run.stopped:
+                    break
+        except tf.errors.InvalidArgumentError as err:
+            if NONFINITE_MARKER in str(err):
+                raise NonFiniteLossError(str(err).split(NONFINITE_MARKER)[-1].split("\n")[0].strip(
+                    " .[]") + f" -- last good checkpoint kept in {checkpoints.folder(workdir)}") from None
+            raise
+    step = int(learner.optimizer.iterations)
+    if signals.received is not None:
+        name = {2: "SIGINT", 15: "SIGTERM"}.get(signals.received, f"signal {signals.received}")
+        raise TrainingInterrupted(f"{name}: stopped after meta-step {step} of {t.steps}; "
+                                  f"checkpoint written in {checkpoints.folder(workdir)}; rerun "
+                                  "the same command to resume", signals.received)
+    return _final_metrics(config, workdir, run, step)
+
+
+def _prepare(config: ExperimentConfig, workdir: Path, overwrite: bool) -> None:
+    """Refuses a folder holding a run of another configuration (naming the fields), clears a
+    run's files with ``overwrite``, and writes config.json."""
+    stored = workdir / "config.json"
+    if overwrite:
+        for name in RUN_FILES:
+            target = workdir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    elif stored.is_file():
+        differ = config_differences(json.loads(stored.read_text()), json.loads(config.to_json()))
+        if differ:
+            raise ValueError(f"{workdir} holds a run of another configuration (differs in "
+                             f"{', '.join(differ)}); use another --workdir, or --force to start over")
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(stored, config.to_dict())
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields in which two config dicts differ (where data is read from
+    is not a difference)."""
+    names = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b and key not in WHERE_DATA_IS:
+            names.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return names
+
+
+def _periods(step: int, steps: int, log_every: int):
+    """(first meta-step, steps per period, periods) of the fit() calls that take a run from
+    ``step`` to ``steps`` with periods ending on multiples of ``log_every``: a run resumed
+    mid-period first completes that period. The last period may be shorter (RunFolder stops)."""
+    if step % log_every and step < steps:
+        first = min(log_every - step % log_every, steps - step)
+        yield step, first, 1
+        step += first
+    if step < steps:
+        yield step, log_every, -(-(steps - step) // log_every)
+
+
+def _validation_episodes(config: ExperimentConfig):
+    """The fixed validation episodes, or None for a protocol without a validation part."""
+    if config.data.family == "omniglot" and config.data.protocol == "vinyals" and not (
+            config.data.train_split or config.data.eval_split):
+        return None
+    t = config.train
+    return draw_episodes(episode_sampler(config, "validation"), t.eval_seed, t.eval_episodes)
+
+
+def _final_metrics(config, workdir: Path, run: RunFolder, step: int) -> dict:
     metrics = {"protocol": protocol_of(config), "ways": config.data.ways,
-               "shots": config.data.shots, "eval_seed": t.eval_seed}
-    if config.data.protocol == "vinyals" and config.data.family == "omniglot":
+               "shots": config.data.shots, "eval_seed": config.train.eval_seed, "steps": step}
+    if run.validated:
+        last = max(run.validated)
+        metrics.update(part="validation", scored_on=scored_on(config, "validation"),
+                       validated_at=last, best_step=run.state["best_step"],
+                       best_accuracy=run.state["best_accuracy"], **run.validated[last])
+    elif run.state.get("best_step") is None:
         metrics["validation"] = ("none: the vinyals protocol has no validation part; score the "
                                  "test characters with pipelines/evaluate.py")
-    else:  # validation, never the test characters: runs are compared and chosen on this
-        episodes = draw_episodes(episode_sampler(config, "validation"), t.eval_seed,
-                                 t.eval_episodes)
-        metrics.update(part="validation", scored_on=scored_on(config, "validation"),
-                       **evaluate_episodes(learner, episodes))
     write_json(workdir / "metrics.json", metrics)
     return metrics
 
@@ -177,80 +259,33 @@ def calibrate_batch_norm(learner, sampler, seed: int, episodes: int = 64) -> Non
         variable.assign(value)
 
 
-def load_learner(workdir) -> tuple[MetaLearner, ExperimentConfig]:
-    """Rebuilds the learner of a run folder and loads its checkpoint."""
+def load_learner(workdir, checkpoint: str = "best") -> tuple[MetaLearner, ExperimentConfig]:
+    """Rebuilds the learner of a run folder with the weights of its "best" (validation) or
+    "latest" checkpoint."""
     workdir = Path(workdir)
-    if not (workdir / "config.json").is_file() or not (workdir / CHECKPOINT).is_file():
+    if not (workdir / "config.json").is_file() or not checkpoints.folder(workdir).is_dir():
         raise FileNotFoundError(f"{workdir} is not a training run: it needs config.json and "
-                                f"{CHECKPOINT}; run pipelines/train.py --workdir {workdir} first")
+                                f"{checkpoints.FOLDER}/; run pipelines/train.py --workdir "
+                                f"{workdir} first")
     config = ExperimentConfig.from_dict(json.loads((workdir / "config.json").read_text()))
     learner = build_learner(config)
-    try:
-        learner.load_weights(workdir / CHECKPOINT)
-    except ValueError as err:
-        raise ValueError(f"the checkpoint in {workdir} does not match its config.json "
-                         f"architecture: {err}") from err
+    checkpoints.restore(learner, checkpoints.chosen(workdir, checkpoint), groups=("model",))
     return learner, config
 
 
 def _optimizer(config):
+    t = config.train
+    rate = t.meta_lr
+    if t.lr_schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(
+            0.0 if t.warmup_steps else t.meta_lr, t.steps - t.warmup_steps, alpha=t.lr_floor,
+            warmup_target=t.meta_lr if t.warmup_steps else None, warmup_steps=t.warmup_steps)
     if config.meta.reptile:  # Reptile's formula: theta += epsilon * (phi - theta)
-        return keras.optimizers.SGD(config.train.meta_lr)
-    return keras.optimizers.Adam(config.train.meta_lr)
+        return keras.optimizers.SGD(rate)
+    return keras.optimizers.Adam(rate)
 
 
 def write_json(path: Path, value) -> None:
     """Writes JSON atomically: a temporary file in the same folder, then a rename."""
     text = json.dumps(value, indent=2, sort_keys=True)
     atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def save_checkpoint(model, path: Path) -> None:
-    """Saves weights atomically (``files.atomic_save``: a reader sees the old or the new file)."""
-    atomic_save(path, model.save_weights)
-
-
-class _StopAt(keras.callbacks.Callback):
-    """Ends fit after ``steps`` meta-steps, and stops at a non-finite loss.
-
-    The train step itself asserts a finite loss; under XLA, which drops assertions, it zeroes
-    the step's gradients instead, and this is what stops training there, before the epoch's
-    checkpoint is written."""
-
-    def __init__(self, steps: int, inner_lr: float):
-        super().__init__()
-        self.steps, self.inner_lr = steps, inner_lr
-
-    def on_train_batch_end(self, batch, logs=None):
-        logs = {k: float(np.asarray(v).ravel()[0]) for k, v in (logs or {}).items()}
-        step = int(self.model.optimizer.iterations)
-        if not np.isfinite(logs.get("loss", 0.0)) or logs.get("update_dropped", 0.0) > 0:
-            raise NonFiniteLossError(
-                f"at meta-step {step} (running mean loss {logs.get('loss')}; non-finite loss or "
-                f"gradient); inner_lr={self.inner_lr} or "
-                "the meta learning rate is too large for this model: lower them. With "
-                "jit_compile the step's update was zeroed; the last good checkpoint is kept.")
-        if step >= self.steps:
-            self.model.stop_training = True
-
-
-class _AtomicCheckpoint(keras.callbacks.Callback):
-    """Saves the weights after every logging period (see save_checkpoint)."""
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path = path
-
-    def on_epoch_end(self, epoch, logs=None):
-        save_checkpoint(self.model, self.path)
-
-
-class _History(keras.callbacks.Callback):
-    def __init__(self, rows: list):
-        super().__init__()
-        self.rows = rows
-
-    def on_epoch_end(self, epoch, logs=None):
-        step = int(self.model.optimizer.iterations)  # the last period may be shorter
-        self.rows.append({"step": step, **{k: float(v) for k, v in (logs or {}).items()
-                                           if k != "update_dropped"}})

@@ -6,7 +6,8 @@ import tensorflow as tf
 
 from mmtl_tf.config import preset
 from mmtl_tf.meta import inner_loop as il
-from mmtl_tf.training import CHECKPOINT, load_learner, train
+from mmtl_tf import checkpoints
+from mmtl_tf.training import load_learner, train
 
 WAYS, SHOTS, STEPS = 3, 2, 3
 
@@ -24,7 +25,7 @@ def mamlpp_export(tmp_path_factory):
     # clearly different rates per step, so that using the wrong step's rate shows
     for i, v in enumerate(learner.inner_lrs):
         v.assign(np.array([0.5, 0.05], np.float32) * (1.0 + 0.01 * i))
-    learner.save_weights(root / "run" / CHECKPOINT)
+    checkpoints.save(learner, checkpoints.chosen(root / "run", "best"), {"step": 2})
     export(root / "run", root / "export")
     return root / "run", root / "export", learner
 

@@ -67,33 +67,40 @@ def test_config_errors_name_the_value():
         preset("tiny").replace(data={"family": "cifar"})
 
 
-def test_train_writes_a_complete_run_folder_and_refuses_to_overwrite(tmp_path):
-    from mmtl_tf.training import CHECKPOINT, load_learner, train
+def test_train_writes_a_complete_run_folder_and_refuses_another_configuration(tmp_path):
+    from mmtl_tf import checkpoints
+    from mmtl_tf.run_callbacks import read_history
+    from mmtl_tf.training import load_learner, train
 
     config = preset("tiny").replace(train={"steps": 5, "log_every": 2})  # 2 + 2 + 1 steps
-    metrics = train(config, tmp_path)
-    for name in ("config.json", CHECKPOINT, "history.json", "metrics.json"):
+    metrics = train(config, tmp_path, verbose=0)
+    for name in ("config.json", "history.csv", "metrics.json", "curves.png"):
         assert (tmp_path / name).is_file()
-    history = json.loads((tmp_path / "history.json").read_text())
-    assert [row["step"] for row in history] == [2, 4, 5], "exactly --steps meta-steps, logged"
-    assert "small1" in metrics["protocol"] and 0.0 <= metrics["accuracy"] <= 1.0
+    assert [row["step"] for row in read_history(tmp_path)] == [2, 4, 5], "exactly --steps, logged"
+    assert [p.name for p in checkpoints.step_files(tmp_path)] == ["step-00000004.npz",
+                                                                  "step-00000005.npz"]
+    assert metrics["part"] == "validation" and metrics["validated_at"] == 5
+    assert metrics["best_step"] in (2, 4, 5) and metrics["episodes"] == 8
     assert ExperimentConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == config
-    assert not list(tmp_path.glob("*.tmp*")), "no temporary file is left behind"
-    learner, loaded = load_learner(tmp_path)
-    assert loaded == config and all(np.isfinite(v.numpy()).all() for v in learner.weights)
-    with pytest.raises(FileExistsError, match="--force"):
-        train(config, tmp_path)
+    assert not list(tmp_path.rglob("*.tmp*")), "no temporary file is left behind"
+    latest, loaded = load_learner(tmp_path, "latest")
+    assert loaded == config and all(np.isfinite(v.numpy()).all() for v in latest.weights)
+    assert train(config, tmp_path, verbose=0) == metrics, "a finished run is not trained again"
+    with pytest.raises(ValueError, match=r"another configuration \(differs in train.meta_lr "
+                                         r"\(0.001 -> 0.002\)\).*--force"):
+        train(config.replace(train={"meta_lr": 2e-3}), tmp_path)
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])  # XLA drops the step's assertion
 def test_non_finite_loss_stops_training_and_keeps_no_nan_checkpoint(tmp_path, jit_compile):
-    from mmtl_tf.training import CHECKPOINT, NonFiniteLossError, train
+    from mmtl_tf import checkpoints
+    from mmtl_tf.training import NonFiniteLossError, train
 
     config = preset("tiny").replace(meta={"inner_lr": 1e30}, train={
-        "steps": 2, "log_every": 1, "jit_compile": jit_compile})
+        "steps": 2, "log_every": 1, "checkpoint_every": 1, "jit_compile": jit_compile})
     with pytest.raises(NonFiniteLossError, match=r"meta-step.*1.*inner_lr=1e\+30"):
-        train(config, tmp_path)
-    assert not (tmp_path / CHECKPOINT).exists(), "no checkpoint is written from a NaN step"
+        train(config, tmp_path, verbose=0)
+    assert checkpoints.latest(tmp_path) is None, "no checkpoint is written from a NaN step"
 
 
 def test_load_learner_names_what_is_missing(tmp_path):

@@ -157,8 +157,10 @@ def _shuffled(images, labels, seed):
 
 
 def episode_dataset(sampler, seed: int, meta_batch_size: int | None = None,
-                    num_episodes: int | None = None) -> tf.data.Dataset:
-    """A tf.data stream of episodes, a pure function of ``seed``.
+                    num_episodes: int | None = None, start: int = 0) -> tf.data.Dataset:
+    """A tf.data stream of episodes, a pure function of ``seed``: element i is drawn from
+    (seed, i), so ``start`` (an element index: the meta-step for meta-batches) resumes the
+    stream exactly where an earlier one stopped.
 
     Args:
       sampler: an EpisodeSampler (or any object with ``sample(seed, block) -> Episode``).
@@ -170,7 +172,9 @@ def episode_dataset(sampler, seed: int, meta_batch_size: int | None = None,
     """
     block = meta_batch_size or 64
     blocks = None if num_episodes is None else -(-int(num_episodes) // block)
-    ds = tf.data.Dataset.range(blocks) if blocks is not None else tf.data.Dataset.counter()
+    if start and meta_batch_size is None:
+        raise ValueError("start counts meta-batches: give meta_batch_size")
+    ds = tf.data.Dataset.range(start, blocks) if blocks is not None else tf.data.Dataset.counter(start)
 
     def draw(i):
         return sampler.sample(tf.stack([tf.constant(seed, tf.int64), tf.cast(i, tf.int64)]), block)

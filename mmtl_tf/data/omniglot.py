@@ -8,7 +8,9 @@ lets a caller build only what it needs; ``all`` (the default) builds the four sp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -149,7 +151,7 @@ def load_omniglot_classes(
         raise ValueError(f"unknown Omniglot split {split!r}; use one of {sorted(SPLIT_CONFIGS)}")
     builder = MmtlOmniglot(config=SPLIT_CONFIGS[split], data_dir=data_dir, source_dir=source_dir)
     cache = _cache_path(builder.data_dir_root, split, prep)
-    builder.download_and_prepare()
+    _prepare(builder)
     # The cache is valid only for this exact dataset and preprocessing.
     split_info = builder.info.splits[split]
     meta = {
@@ -167,6 +169,20 @@ def load_omniglot_classes(
         _write_cache(cache, classes, meta)
         _LOG.info("read %s in %.1f s; cached in %s", split, time.perf_counter() - start, cache)
     return classes
+
+
+def _prepare(builder) -> None:
+    """Builds the TFDS dataset once, saying which zip it reads instead of TFDS's own
+    "Downloading and preparing dataset Unknown size" lines and progress bars."""
+    if builder.is_prepared():
+        return
+    zips = [str(sources.locate_zip(SPLIT_STEMS[split], builder._source_dir))
+            for split in builder.builder_config.splits]
+    print(f"preparing Omniglot {builder.builder_config.name} once from {', '.join(zips)} "
+          f"into {builder.data_dir_root}")
+    # TFDS prints to stdout and draws tqdm bars on stderr: neither is wanted here.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        builder.download_and_prepare()
 
 
 def load_class_images(

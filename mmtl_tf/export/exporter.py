@@ -24,10 +24,11 @@ FORMAT_VERSION = 1
 
 
 def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | None = None,
-           model_card=None) -> dict:
+           model_card=None, checkpoint: str = "best") -> dict:
     """Exports the training run in ``workdir`` to the folder ``out``. Returns the manifest.
 
-    ``model_card``: a Markdown file copied in as MODEL_CARD.md (hashed like every file).
+    ``model_card``: a Markdown file copied in as MODEL_CARD.md (hashed like every file);
+    ``checkpoint``: the run's "best" (by validation accuracy) or "latest" state.
     """
     from mmtl_tf.export import onnx_convert, saved_model
     from mmtl_tf.export.signatures import ExportSpec, Exportable
@@ -38,7 +39,7 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | N
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to "
                               "replace it")
-    learner, config = load_learner(workdir)
+    learner, config = load_learner(workdir, checkpoint)
     if max_shots < 1:
         raise ValueError(f"max_shots={max_shots} must be >= 1")
     spec = ExportSpec(config.data.image_size, 1, learner.config.max_ways, max_shots,

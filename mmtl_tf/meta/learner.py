@@ -47,6 +47,9 @@ class MetaLearner(keras.Model):
         num_encoder = len(encoder.trainable_variables)
         mask = (False,) * num_encoder + (True, True) if self.config.adapt_head_only else None
         self.loop = il.InnerLoop(encoder, task, head_init, self.config.transductive, mask)
+        # Before adaptation a zero head scores every class alike (accuracy 1/N, loss log N by
+        # construction): nothing to report, and one forward pass saved.
+        self.track_pre_adaptation = self.config.track_pre_adaptation and head_init != "zero"
         self.inner_lrs = self._make_inner_lrs()
         self._trackers = {name: keras.metrics.Mean(name=name) for name in self._metric_names()}
         self.built = True  # every weight exists now: the encoder is built, the head is created
@@ -113,7 +116,7 @@ class MetaLearner(keras.Model):
             result["meta_loss"] = post_loss
         if self.task == "classification":
             result["accuracy"] = _accuracy(outputs, episode.query_y)
-        if self.config.track_pre_adaptation:
+        if self.track_pre_adaptation:
             before = il.query_logits(self.loop, [tf.stop_gradient(p) for p in adapted.start],
                                      episode.support_x, episode.query_x)
             result["pre_loss"] = self.loop.loss(before, episode.query_y)
@@ -159,7 +162,7 @@ class MetaLearner(keras.Model):
         names = ["loss", "support_loss"]
         if self.task == "classification":
             names.append("accuracy")
-        if self.config.track_pre_adaptation:
+        if self.track_pre_adaptation:
             names += ["pre_loss"] + (["pre_accuracy"] if self.task == "classification" else [])
         return names
 
@@ -170,6 +173,8 @@ class MetaLearner(keras.Model):
         for name, tracker in self._trackers.items():
             tracker.update_state(per_task[name])
         logs = {name: tracker.result() for name, tracker in self._trackers.items()}
+        if self.inner_lrs:  # learned inner rates (Meta-SGD, MAML++): their mean, as they move
+            logs["inner_lr"] = tf.reduce_mean(tf.concat([tf.reshape(v, [-1]) for v in self.inner_lrs], 0))
         if finite is not None and self.jit_compile:
             logs["update_dropped"] = 1.0 - tf.cast(finite, tf.float32)
         if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
