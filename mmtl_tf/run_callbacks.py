@@ -76,6 +76,15 @@ class RunFolder(keras.callbacks.Callback):
         self.prepare, self.on_checkpoint = prepare or (lambda: None), lambda: None
         self.validated = {}  # step -> validation report, this process
         self.stopped = False
+        self.period_sums = None  # metric sums of a period cut by a crash, restored once
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # fit() has just reset the trackers: a run resumed mid-period continues its sums, so
+        # the period's row is what an uninterrupted run writes.
+        if self.period_sums is not None:
+            for variable, value in zip(self.model.metrics_variables, self.period_sums):
+                variable.assign(value)
+            self.period_sums = None
 
     def on_train_batch_end(self, batch, logs=None):
         logs = {k: float(np.asarray(v).ravel()[0]) for k, v in (logs or {}).items()}
@@ -142,7 +151,7 @@ class MetricsLog(keras.callbacks.Callback):
         step = int(self.model.optimizer.iterations)
         row = {"step": step, **{k: float(np.asarray(v).ravel()[0]) for k, v in (logs or {}).items()
                                 if k != "update_dropped"}}
-        row["meta_lr"] = float(_current_lr(self.model.optimizer))
+        row["meta_lr"] = float(self.model.optimizer.learning_rate)  # the schedule's, now
         if step in self.run.validated:  # also into logs: the progress line shows it
             row["val_accuracy"] = logs["val_accuracy"] = self.run.validated[step]["accuracy"]
         self.rows.append(row)
@@ -155,11 +164,6 @@ class MetricsLog(keras.callbacks.Callback):
 
     def write_curves(self):
         write_curves(self.workdir / CURVES, self.rows)
-
-
-def _current_lr(optimizer):
-    lr = optimizer.learning_rate
-    return lr(optimizer.iterations) if callable(lr) else lr
 
 
 def read_history(workdir) -> list[dict]:

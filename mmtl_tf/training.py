@@ -150,6 +150,8 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
                     lambda: evaluate_episodes(learner, validation), signals, config.meta.inner_lr,
                     state, prepare=lambda: calibrate_batch_norm(learner, train_sampler,
                                                                 config.data.seed))
+    if step % t.log_every:
+        run.period_sums = [v.numpy() for v in learner.metrics_variables]
     log = MetricsLog(workdir, run, resumed_step=step)
     run.on_checkpoint = log.write_curves
     verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
@@ -273,13 +275,18 @@ def load_learner(workdir, checkpoint: str = "best") -> tuple[MetaLearner, Experi
     return learner, config
 
 
+def meta_lr_schedule(t):
+    """The outer learning rate of TrainConfig ``t``: a constant, or a cosine decay to
+    ``meta_lr * lr_floor`` at the last step after ``warmup_steps`` of linear warm-up from 0."""
+    if t.lr_schedule == "constant":
+        return t.meta_lr
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if t.warmup_steps else t.meta_lr, t.steps - t.warmup_steps, alpha=t.lr_floor,
+        warmup_target=t.meta_lr if t.warmup_steps else None, warmup_steps=t.warmup_steps)
+
+
 def _optimizer(config):
-    t = config.train
-    rate = t.meta_lr
-    if t.lr_schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(
-            0.0 if t.warmup_steps else t.meta_lr, t.steps - t.warmup_steps, alpha=t.lr_floor,
-            warmup_target=t.meta_lr if t.warmup_steps else None, warmup_steps=t.warmup_steps)
+    rate = meta_lr_schedule(config.train)
     if config.meta.reptile:  # Reptile's formula: theta += epsilon * (phi - theta)
         return keras.optimizers.SGD(rate)
     return keras.optimizers.Adam(rate)

@@ -1,0 +1,192 @@
+"""A run folder survives a kill, a signal and a failing disk, and says what it is doing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmtl_tf import checkpoints
+from mmtl_tf.config import preset
+from mmtl_tf.run_callbacks import read_history
+
+TRAIN = Path(__file__).parents[1] / "pipelines" / "train.py"
+STEPS = 10
+# Small periods and checkpoints so that a kill lands between two checkpoints, mid-period.
+SETTINGS = ["--set", "train.log_every=4", "--set", "train.checkpoint_every=3",
+            "--set", "train.eval_every=4", "--steps", str(STEPS)]
+
+
+def _config():
+    return preset("tiny").replace(train={"steps": STEPS, "log_every": 4, "checkpoint_every": 3,
+                                         "eval_every": 4})
+
+
+def _command(workdir):
+    return [sys.executable, str(TRAIN), "--preset", "tiny", "--workdir", str(workdir), *SETTINGS]
+
+
+def _start(workdir):
+    return subprocess.Popen(_command(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_checkpoint(process, workdir, timeout=300):
+    start = time.monotonic()
+    while checkpoints.latest(workdir) is None:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() - start < timeout, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def _arrays(path, group):
+    with np.load(path) as data:
+        return [data[n] for n in sorted(data.files) if n.startswith(group + "/")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from mmtl_tf.training import train
+
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    train(_config(), workdir, verbose=0)
+    return workdir
+
+
+def test_a_sigkilled_run_rerun_ends_where_an_uninterrupted_one_does(tmp_path, uninterrupted):
+    process = _start(tmp_path)
+    _wait_for_checkpoint(process, tmp_path)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = checkpoints.read_record(checkpoints.latest(tmp_path))["step"]
+    assert killed_at < STEPS, "the kill landed before the end"
+    rerun = subprocess.run(_command(tmp_path), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming {tmp_path} at meta-step {killed_at} of {STEPS}" in rerun.stdout
+    final, reference = checkpoints.latest(tmp_path), checkpoints.latest(uninterrupted)
+    assert final.name == reference.name == f"step-{STEPS:08d}.npz"
+    # The same episodes, optimizer moments and step counter: equal up to float32 round-off
+    # of the two processes' reductions (1e-5 relative).
+    for group in ("model", "optimizer"):
+        for got, want in zip(_arrays(final, group), _arrays(reference, group), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    rows, want = read_history(tmp_path), read_history(uninterrupted)
+    assert [r["step"] for r in rows] == [r["step"] for r in want] == [4, 8, 10]
+    for got, expected in zip(rows, want):  # a period cut by the kill reports its whole mean
+        assert got.keys() == expected.keys()
+        for name in got:
+            assert got[name] == pytest.approx(expected[name], rel=1e-4), name
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(tmp_path):
+    process = _start(tmp_path)
+    _wait_for_checkpoint(process, tmp_path)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    stopped = int(err.split("stopped after meta-step ")[1].split()[0])
+    assert err.strip().endswith("rerun the same command to resume")
+    assert "Traceback" not in err
+    assert checkpoints.read_record(checkpoints.latest(tmp_path))["step"] == stopped
+
+
+def test_a_failing_disk_names_the_folder_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from mmtl_tf.training import train
+
+    saved = []
+    real_save = checkpoints.save
+
+    def failing(learner, path, record):
+        if path.name.startswith("step-") and saved:
+            raise OSError(28, "No space left on device")
+        saved.append(path)
+        return real_save(learner, path, record)
+
+    monkeypatch.setattr(checkpoints, "save", failing)
+    config = preset("tiny").replace(train={"steps": 6, "checkpoint_every": 2, "eval_every": 0})
+    with pytest.raises(OSError, match=rf"cannot write a checkpoint in {tmp_path / 'checkpoints'} "
+                                      r"\(No space left on device\).*previous checkpoint is intact"):
+        train(config, tmp_path, verbose=0)
+    (kept,) = checkpoints.step_files(tmp_path)
+    assert kept.name == "step-00000002.npz" and not list(tmp_path.rglob("*.tmp*"))
+    monkeypatch.undo()
+    from mmtl_tf.training import build_learner
+
+    record = checkpoints.restore(build_learner(config), kept, groups=("model",))
+    assert record["step"] == 2
+
+
+def test_truncated_and_foreign_checkpoints_are_refused_naming_the_file(tmp_path):
+    from mmtl_tf.training import build_learner
+
+    learner = build_learner(preset("tiny"))
+    path = checkpoints.save(learner, tmp_path / "state.npz", {"step": 1})
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(checkpoints.CheckpointError, match=rf"{truncated} is truncated"):
+        checkpoints.restore(learner, truncated)
+    wider = build_learner(preset("tiny").replace(model={"filters": 16}))
+    with pytest.raises(checkpoints.CheckpointError, match=r"another architecture"):
+        checkpoints.restore(wider, path)
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_its_floor():
+    from mmtl_tf.training import meta_lr_schedule
+
+    config = preset("tiny").replace(train={"steps": 100, "meta_lr": 2e-3, "lr_schedule": "cosine",
+                                           "warmup_steps": 10, "lr_floor": 0.1})
+    rate = meta_lr_schedule(config.train)
+    assert float(rate(0)) == 0.0
+    assert float(rate(5)) == pytest.approx(1e-3)
+    assert float(rate(10)) == pytest.approx(2e-3)
+    assert float(rate(55)) == pytest.approx(2e-3 * (0.1 + 0.9 * 0.5), rel=1e-4)
+    assert float(rate(100)) == pytest.approx(2e-4)
+
+
+def test_early_stopping_stops_after_patience_validations_without_improvement(tmp_path):
+    from mmtl_tf.training import train
+
+    config = preset("tiny").replace(meta={"inner_lr": 1e-6}, train={
+        "steps": 40, "log_every": 2, "eval_every": 2, "early_stopping_patience": 2,
+        "meta_lr": 1e-9})  # nothing moves: validation cannot improve after its first score
+    metrics = train(config, tmp_path, verbose=0)
+    assert metrics["best_step"] == 2 and metrics["validated_at"] == 6 and metrics["steps"] == 6
+
+
+def test_history_and_tensorboard_carry_the_meta_metrics_and_validation(uninterrupted):
+    import tensorflow as tf
+
+    rows = read_history(uninterrupted)
+    assert {"loss", "accuracy", "support_loss", "meta_lr", "val_accuracy"} <= set(rows[0])
+    tags = {}
+    for event_file in (uninterrupted / "tensorboard").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    assert tags["val_accuracy"] == [4, 8, 10] and tags["loss"] == [4, 8, 10]
+    assert (uninterrupted / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((uninterrupted / "metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(rows[-1]["val_accuracy"])
+
+
+def test_the_command_line_refuses_bad_input_in_one_line(tmp_path):
+    def run(*args):
+        env = dict(os.environ)
+        return subprocess.run([sys.executable, str(TRAIN), "--preset", "tiny", "--workdir",
+                               str(tmp_path), *args], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    unknown = run("--set", "train.meta_rate=1")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert unknown.stderr.strip().splitlines()[-1].startswith(
+        "error: --set 'train.meta_rate=1': train has no field 'meta_rate'")
+    (tmp_path / "config.json").write_text(json.dumps(
+        json.loads(preset("tiny").replace(train={"meta_lr": 0.5}).to_json())))
+    other = run()
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "holds a run of another configuration (differs in train.meta_lr (0.5 -> 0.001))" in other.stderr
