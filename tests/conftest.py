@@ -1,4 +1,9 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules.
+
+A test that needs the Omniglot zips asks for ``omniglot_zips``: when a zip is missing the test
+FAILS, naming the file and how to provide it, so CI cannot pass without its inputs. Nothing in
+this suite skips for missing data.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,28 @@ from pathlib import Path
 
 import pytest
 
+OMNIGLOT_STEMS = ("images_background", "images_evaluation", "images_background_small1",
+                  "images_background_small2")
+
+
+def omniglot_zip(stem: str) -> Path:
+    """``<stem>.zip`` where the package finds it ($MMTL_OMNIGLOT_DIR, else the shared folder);
+    fails the calling test (never skips) when it is not there."""
+    from mmtl_tf.data import sources
+
+    try:
+        return sources.locate_zip(stem)  # no downloader: the tests never fetch data
+    except sources.OmniglotSourceError as err:
+        pytest.fail(f"missing test input {stem}.zip; the suite needs the official Omniglot zips. "
+                    f"Set {sources.ENV_VAR}=<folder holding them> or put them in "
+                    f"{sources.shared_data_dir()}.\n{err}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def omniglot_zips() -> dict[str, Path]:
+    """stem -> path of each of the four official Omniglot zips (the test fails if one is missing)."""
+    return {stem: omniglot_zip(stem) for stem in OMNIGLOT_STEMS}
+
 
 class TrainedExport(typing.NamedTuple):
     workdir: Path  # the training run (config.json, checkpoint)
@@ -14,7 +41,7 @@ class TrainedExport(typing.NamedTuple):
 
 
 @pytest.fixture(scope="session")
-def trained_export(tmp_path_factory) -> TrainedExport:
+def trained_export(tmp_path_factory, omniglot_zips) -> TrainedExport:
     """The tiny preset meta-trained long enough to beat chance clearly, then exported.
 
     150 meta-steps at meta_lr 4e-3 reach ~55% on held-out 5-way 1-shot Omniglot evaluation
@@ -22,15 +49,33 @@ def trained_export(tmp_path_factory) -> TrainedExport:
     (transductive=False) like the shipped presets. About a minute on two loaded cores.
     """
     from mmtl_tf.config import preset
-    from mmtl_tf.data import sources
     from mmtl_tf.export.exporter import export
     from mmtl_tf.training import train
 
-    if not (sources.shared_data_dir() / "images_background_small1.zip").is_file():
-        pytest.skip("the shared Omniglot zips are not present")
     root = tmp_path_factory.mktemp("trained_export")
     config = preset("tiny").replace(train={"steps": 150, "meta_lr": 4e-3, "log_every": 50},
                                     meta={"transductive": False})
     train(config, root / "run")
     export(root / "run", root / "export")
+    return TrainedExport(root / "run", root / "export")
+
+
+UNTRAINED_MAX_WAYS, UNTRAINED_MAX_SHOTS = 5, 2
+
+
+@pytest.fixture(scope="session")
+def untrained_export(tmp_path_factory) -> TrainedExport:
+    """A run folder of the tiny preset's freshly initialised learner, and its export: no data,
+    no training. 5-way at most and 2 shots (support buckets of 5 and 10 rows) keep the export
+    at about half the time of the trained one's 20-way 5-shot."""
+    from mmtl_tf.config import preset
+    from mmtl_tf.export.exporter import export
+    from mmtl_tf.training import CHECKPOINT, build_learner
+
+    root = tmp_path_factory.mktemp("untrained_export")
+    config = preset("tiny").replace(meta={"transductive": False, "max_ways": UNTRAINED_MAX_WAYS})
+    (root / "run").mkdir()
+    (root / "run" / "config.json").write_text(config.to_json())
+    build_learner(config).save_weights(root / "run" / CHECKPOINT)
+    export(root / "run", root / "export", max_shots=UNTRAINED_MAX_SHOTS)
     return TrainedExport(root / "run", root / "export")
