@@ -60,7 +60,7 @@ def trained_export(tmp_path_factory, omniglot_zips) -> TrainedExport:
     return TrainedExport(root / "run", root / "export")
 
 
-UNTRAINED_MAX_WAYS, UNTRAINED_MAX_SHOTS = 5, 2
+UNTRAINED_MAX_WAYS, UNTRAINED_MAX_SHOTS = 5, 2  # kept small: the export is quicker
 
 
 @pytest.fixture(scope="session")
