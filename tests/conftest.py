@@ -16,23 +16,25 @@ OMNIGLOT_STEMS = ("images_background", "images_evaluation", "images_background_s
                   "images_background_small2")
 
 
-def omniglot_zip(stem: str) -> Path:
-    """``<stem>.zip`` where the package finds it ($MMTL_OMNIGLOT_DIR, else the shared folder);
-    fails the calling test (never skips) when it is not there."""
-    from mmtl_tf.data import sources
-
-    try:
-        return sources.locate_zip(stem)  # no downloader: the tests never fetch data
-    except sources.OmniglotSourceError as err:
-        pytest.fail(f"missing test input {stem}.zip; the suite needs the official Omniglot zips. "
-                    f"Set {sources.ENV_VAR}=<folder holding them> or put them in "
-                    f"{sources.shared_data_dir()}.\n{err}", pytrace=False)
-
-
 @pytest.fixture(scope="session")
 def omniglot_zips() -> dict[str, Path]:
-    """stem -> path of each of the four official Omniglot zips (the test fails if one is missing)."""
-    return {stem: omniglot_zip(stem) for stem in OMNIGLOT_STEMS}
+    """stem -> path of each official Omniglot zip, found where the package looks
+    ($MMTL_OMNIGLOT_DIR, else the shared folder; the tests never download). A missing zip fails
+    the test that asked (never a skip), naming every missing file and how to provide it."""
+    from mmtl_tf.data import sources
+
+    found, missing = {}, []
+    for stem in OMNIGLOT_STEMS:
+        try:
+            found[stem] = sources.locate_zip(stem)
+        except sources.OmniglotSourceError as err:
+            missing.append(f"{stem}.zip: {err}")
+    if missing:
+        pytest.fail(f"missing test input: {len(missing)} of the official Omniglot zips "
+                    f"({', '.join(s + '.zip' for s in OMNIGLOT_STEMS)}) cannot be found. Set "
+                    f"{sources.ENV_VAR}=<folder holding them> or put them in "
+                    f"{sources.shared_data_dir()}.\n" + "\n".join(missing), pytrace=False)
+    return found
 
 
 class TrainedExport(typing.NamedTuple):
