@@ -1,10 +1,14 @@
-"""The export folder: SavedModel parity, manifest, determinism, and refusals."""
+"""The export folder: SavedModel parity, manifest, determinism, and refusals.
+
+Determinism, atomic replacement and refusals use the untrained export (no data needed)."""
 
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import tensorflow as tf
 
@@ -13,6 +17,11 @@ from mmtl_tf.meta import inner_loop as il
 from mmtl_tf.training import load_learner
 
 WAYS, SHOTS, QUERIES = 4, 2, 3
+
+
+def _max_shots(export_folder) -> int:
+    """The max_shots an export was made with, to export its run again the same way."""
+    return json.loads((Path(export_folder) / "manifest.json").read_text())["max_shots"]
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +43,21 @@ def test_manifest_hashes_every_file_and_describes_every_graph(trained_export):
     assert sorted(manifest["files"]) == on_disk
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
-    for stem in ("predict", "adapt_step", "head_step", "init_head", "support_stats", "meta_init",
-                 "adapt_step_s5", "adapt_step_s25"):
-        graph = manifest["graphs"][stem]
-        assert (folder / graph["file"]).is_file() and graph["inputs"] and graph["outputs"]
-    assert manifest["max_support"] == manifest["max_ways"] * manifest["max_shots"]
+    # a zero head with support statistics: every graph, and the adaptation graphs again for
+    # padded support sets of 5 and 25 rows (20-way 5-shot: 100 rows in full)
+    adaptation = ("adapt_step", "head_step", "init_head", "support_stats", "head_then_adapt_step")
+    assert set(manifest["graphs"]) == {"predict", "meta_init", *adaptation} | {
+        f"{stem}_s{rows}" for stem in adaptation for rows in (5, 25)}
+    for stem, graph in manifest["graphs"].items():  # what the manifest says is what the file is
+        model = onnx.load(folder / graph["file"])
+        assert [i["name"] for i in graph["inputs"]] == [i.name for i in model.graph.input], stem
+        assert [o["name"] for o in graph["outputs"]] == [o.name for o in model.graph.output], stem
+        assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {
+            manifest["onnx_opset"]}, stem
+    assert manifest["max_support"] == manifest["max_ways"] * manifest["max_shots"] == 100
     assert manifest["preprocessing"]["image_size"] == 28 and manifest["transductive"] is False
-    assert manifest["training_config"]["name"] == "tiny"
-    assert "protocol" in manifest["metrics"] and manifest["onnx_opset"] >= 13
+    assert manifest["training_config"] == json.loads((trained_export.workdir / "config.json").read_text())
+    assert manifest["metrics"] == json.loads((trained_export.workdir / "metrics.json").read_text())
 
 
 def test_savedmodel_signatures_reproduce_keras_and_the_inner_loop(trained_export, episode):
@@ -76,28 +92,29 @@ def test_savedmodel_signatures_reproduce_keras_and_the_inner_loop(trained_export
     np.testing.assert_allclose(default["head_w"][:, :WAYS], reference_default[-2], atol=1e-4)
 
 
-def test_exporting_twice_gives_identical_onnx_and_params(trained_export, tmp_path):
+def test_exporting_twice_gives_identical_onnx_and_params(untrained_export, tmp_path):
     again = tmp_path / "again"
-    export(trained_export.workdir, again)
-    first = json.loads((trained_export.folder / "manifest.json").read_text())["files"]
+    export(untrained_export.workdir, again, max_shots=_max_shots(untrained_export.folder))
+    first = json.loads((untrained_export.folder / "manifest.json").read_text())["files"]
     second = json.loads((again / "manifest.json").read_text())["files"]
     deterministic = [n for n in first if n.endswith(".onnx") or n == "params.npz"]
     assert len(deterministic) >= 8
     assert {n: first[n] for n in deterministic} == {n: second[n] for n in deterministic}
 
 
-def test_refuses_missing_checkpoint_existing_folder_and_foreign_architecture(trained_export, tmp_path):
+def test_refuses_missing_checkpoint_existing_folder_and_foreign_architecture(untrained_export,
+                                                                            tmp_path):
     with pytest.raises(FileNotFoundError, match="pipelines/train.py"):
         export(tmp_path / "no-run", tmp_path / "out")
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--force"):
-        export(trained_export.workdir, existing)
+        export(untrained_export.workdir, existing)
     assert (existing / "keep.txt").read_text() == "mine", "the old folder is untouched"
     # a checkpoint from another architecture: same run folder, config says 16 filters
     foreign = tmp_path / "foreign"
-    shutil.copytree(trained_export.workdir, foreign)
+    shutil.copytree(untrained_export.workdir, foreign)
     config = json.loads((foreign / "config.json").read_text())
     config["model"]["filters"] = 16
     (foreign / "config.json").write_text(json.dumps(config))
@@ -107,11 +124,10 @@ def test_refuses_missing_checkpoint_existing_folder_and_foreign_architecture(tra
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out2")], "no half-written folder"
 
 
-def test_force_replaces_a_folder_atomically(trained_export, tmp_path, monkeypatch):
+def test_force_replaces_a_folder_atomically(untrained_export, tmp_path, monkeypatch):
     from mmtl_tf.export import exporter
 
-    out = tmp_path / "model"
-    export(trained_export.workdir, out)
+    out = Path(shutil.copytree(untrained_export.folder, tmp_path / "model"))
     before = (out / "manifest.json").read_bytes()
 
     def crash(*args, **kwargs):
@@ -119,7 +135,7 @@ def test_force_replaces_a_folder_atomically(trained_export, tmp_path, monkeypatc
 
     monkeypatch.setattr(exporter, "write_params", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        export(trained_export.workdir, out, force=True)
+        export(untrained_export.workdir, out, force=True, max_shots=_max_shots(out))
     assert (out / "manifest.json").read_bytes() == before, "the previous export survives"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no temporary folder is left"
 
@@ -135,4 +151,4 @@ def test_the_device_runtime_scores_the_fixed_episodes_as_tensorflow_does(trained
     # logits agree to ~1e-6, so at most a near-tie query may flip
     assert abs(device["accuracy"] - report["accuracy"]) <= 1.0 / queries
     assert device["accuracy"] > 1.5 / report["ways"]  # an adapted model, not the zero head
-    assert (run / "eval_5w1s3q_seed2024_n24_device.json").is_file()
+    assert json.loads((run / "eval_5w1s3q_seed2024_n24_device.json").read_text()) == report

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mmtl_tf.data.episodes import Episode
 from mmtl_tf.meta import inner_loop as il
 from mmtl_tf.meta.algorithms import MetaConfig
 from mmtl_tf.meta.learner import MetaLearner, feature_dim
@@ -103,11 +104,16 @@ def test_meta_gradient_matches_finite_differences(float64, kind, head_init, tran
     mask = tf.ones([WAYS * SHOTS], tf.float64) if masked else None
     query_loss = _query_loss_fn(loop, task, lr=0.3, support_mask=mask)
     grads = _tape_gradient(query_loss, theta)
+    used = len(theta) if head_init == "learned" else len(theta) - 2  # a proto head ignores theta's
+    _assert_matches_finite_differences(query_loss, theta, grads, rng, used,
+                                       per_tensor=3 if kind == "mlp" else 2)
 
-    h, per_tensor = 1e-6, (3 if kind == "mlp" else 2)  # coordinates checked per tensor
-    analytic, numeric = [], []
-    used = theta if head_init == "learned" else theta[:-2]  # a proto head ignores theta's head
-    for i, p in enumerate(used):
+
+def _assert_matches_finite_differences(loss_fn, theta, grads, rng, used, per_tensor):
+    """Central differences (h = 1e-6, float64) of ``loss_fn`` at ``theta`` against ``grads`` on
+    ``per_tensor`` random coordinates of each of the first ``used`` tensors."""
+    h, analytic, numeric = 1e-6, [], []
+    for i, p in enumerate(theta[:used]):
         for j in rng.choice(p.numpy().size, size=min(per_tensor, p.numpy().size), replace=False):
             flat = p.numpy().ravel()
 
@@ -116,7 +122,7 @@ def test_meta_gradient_matches_finite_differences(float64, kind, head_init, tran
                 shifted[j] += delta
                 moved = list(theta)
                 moved[i] = tf.constant(shifted.reshape(p.shape))
-                return float(query_loss(moved))
+                return float(loss_fn(moved))
 
             numeric.append((at(h) - at(-h)) / (2 * h))
             analytic.append(grads[i].ravel()[j])
@@ -124,26 +130,32 @@ def test_meta_gradient_matches_finite_differences(float64, kind, head_init, tran
     np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-8)
 
 
-def test_first_order_gradient_is_the_query_gradient_at_the_adapted_weights(float64):
-    rng = np.random.default_rng(5)
-    encoder = _encoder("mlp")
-    task = _task("mlp", rng, np.float64)
+def _query_gradient_at_adapted_weights(loop, task, theta, lr):
+    """The first-order reference, in theta's layout: the query loss's gradient at the adapted
+    weights phi (a constant), the task head's gradient in theta's first WAYS columns."""
     support_x, support_y, query_x, query_y = task
-    theta = _meta_params(encoder, rng, np.float64)
-    loop = il.InnerLoop(encoder, "classification", "learned", True)
-    first = _tape_gradient(_query_loss_fn(loop, task, lr=0.3, first_order=True), theta)
-
-    rates = lambda step: [tf.constant(0.3, tf.float64)] * len(theta)
+    rates = lambda step: [tf.constant(lr, tf.float64)] * len(theta)
     phi = il.adapt(loop, theta, support_x, support_y, WAYS, INNER_STEPS, rates).params
     at_phi = _tape_gradient(
         lambda params: loop.loss(il.query_logits(loop, params, support_x, query_x), query_y),
         [tf.constant(p.numpy()) for p in phi])
+    head_w, head_b = np.zeros(theta[-2].shape), np.zeros(theta[-1].shape)
+    head_w[:, :WAYS], head_b[:WAYS] = at_phi[-2], at_phi[-1]
+    return at_phi[:-2] + [head_w, head_b]
 
-    for g, expected in zip(first[:-2], at_phi[:-2]):
-        np.testing.assert_allclose(g, expected, rtol=1e-9, atol=1e-12)
+
+def test_first_order_gradient_is_the_query_gradient_at_the_adapted_weights(float64):
+    rng = np.random.default_rng(5)
+    encoder = _encoder("mlp")
+    task = _task("mlp", rng, np.float64)
+    theta = _meta_params(encoder, rng, np.float64)
+    loop = il.InnerLoop(encoder, "classification", "learned", True)
+    first = _tape_gradient(_query_loss_fn(loop, task, lr=0.3, first_order=True), theta)
+    at_phi = _query_gradient_at_adapted_weights(loop, task, theta, lr=0.3)
+
     # the task's head is theta's first WAYS columns; the other columns get no gradient
-    np.testing.assert_allclose(first[-2][:, :WAYS], at_phi[-2], rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(first[-1][:WAYS], at_phi[-1], rtol=1e-9, atol=1e-12)
+    for g, expected in zip(first, at_phi):
+        np.testing.assert_allclose(g, expected, rtol=1e-9, atol=1e-12)
     assert not first[-2][:, WAYS:].any() and not first[-1][WAYS:].any()
 
     second = _tape_gradient(_query_loss_fn(loop, task, lr=0.3), theta)
@@ -151,6 +163,47 @@ def test_first_order_gradient_is_the_query_gradient_at_the_adapted_weights(float
     size = np.sqrt(sum(np.sum(a ** 2) for a in second))
     assert difference > 1e-2 * size, "second order must differ from first order"
 
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml"])
+def test_one_sgd_meta_step_of_train_step_moves_theta_by_minus_the_meta_gradient(float64, algorithm):
+    """The real MetaLearner.train_step (tf.map_fn over tasks, the outer tape, the optimizer),
+    compiled with SGD at rate 1: theta moves by exactly minus the mean over tasks of the
+    meta-gradient. Second order: the gradient that finite differences verify here; first
+    order: the query gradient at the adapted weights. float64 throughout, so the tolerance is
+    rounding only (the inner rate 0.25 is exact in the float32 the config stores it in)."""
+    lr, tasks = 0.25, 2  # 1/2, the mean's factor, is exact in the float32 of the step's loss
+    rng = np.random.default_rng(41)
+    encoder = _encoder("conv4")
+    episodes = [_task("conv4", rng, np.float64) for _ in range(tasks)]
+    theta = _meta_params(encoder, rng, np.float64)
+    learner = MetaLearner(encoder, MetaConfig(algorithm=algorithm, head_init="learned",
+                                              max_ways=HEAD, inner_steps=INNER_STEPS, inner_lr=lr))
+    for variable, value in zip(learner.meta_params, theta):
+        variable.assign(value)
+    learner.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0))
+
+    losses = [_query_loss_fn(learner.loop, e, lr) for e in episodes]
+    meta_loss = lambda params: tf.add_n([f(params) for f in losses]) / tasks  # noqa: E731
+    # eager: one second-order gradient costs less than tracing it in the tf.function
+    second = _tape_gradient(lambda params: tf.add_n([f.python_function(params) for f in losses])
+                            / tasks, theta)
+    first = [np.mean(g, 0) for g in zip(*(_query_gradient_at_adapted_weights(
+        learner.loop, e, theta, lr) for e in episodes))]
+    gap = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(second, first)))
+    assert gap > 1e-2 * np.sqrt(sum(np.sum(a ** 2) for a in second)), "the two orders differ here"
+    if algorithm == "maml":
+        _assert_matches_finite_differences(meta_loss, theta, second, rng, len(theta), per_tensor=1)
+
+    batch = Episode(*(tf.stack(field) for field in zip(*episodes)),
+                    class_ids=tf.tile(tf.range(WAYS, dtype=tf.int64)[None], [tasks, 1]),
+                    task_params=tf.zeros([tasks, 0]))
+    learner.train_on_batch(batch)
+    expected = second if algorithm == "maml" else first
+    for variable, before, gradient in zip(learner.meta_params, theta, expected):
+        np.testing.assert_allclose(before.numpy() - variable.numpy(), gradient, rtol=1e-9,
+                                   atol=1e-12, err_msg=variable.path)
+    # the head columns beyond the tasks' WAYS take no part: they do not move at all
+    np.testing.assert_array_equal(learner.head_w.numpy()[:, WAYS:], theta[-2].numpy()[:, WAYS:])
 
 
 def _graph_ops(fn, *args):

@@ -13,7 +13,7 @@ WAYS, SHOTS, STEPS = 3, 2, 3
 
 
 @pytest.fixture(scope="module")
-def mamlpp_export(tmp_path_factory):
+def mamlpp_export(tmp_path_factory, omniglot_zips):  # the tiny preset trains on small1
     from mmtl_tf.export.exporter import export
 
     root = tmp_path_factory.mktemp("mamlpp")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import io
 import os
-import shutil
 import stat
 import zipfile
 from pathlib import Path
@@ -19,13 +18,9 @@ from mmtl_tf.data import omniglot, sources
 from mmtl_tf.preprocessing import Preprocessing, preprocess_array
 
 SMALL1 = "images_background_small1"
-SMALL1_ZIP = sources.shared_data_dir() / f"{SMALL1}.zip"
 # The official small1 subset: 5 alphabets, 136 characters, 20 drawers each.
 SMALL1_ALPHABETS = {"Balinese", "Early_Aramaic", "Greek", "Korean", "Latin"}
 SMALL1_CHARACTERS = 136
-needs_small1 = pytest.mark.skipif(
-    not SMALL1_ZIP.is_file(), reason=f"{SMALL1_ZIP} (the project's shared data) is not present"
-)
 
 
 def _png_bytes(ink_pixels: int = 3) -> bytes:
@@ -64,14 +59,17 @@ def _no_explicit_dir(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def small1_data_dir(tmp_path_factory) -> Path:
-    """A TFDS data_dir with the small1 config built from the shared folder (found, not given)."""
-    if not SMALL1_ZIP.is_file():
-        pytest.skip(f"{SMALL1_ZIP} is not present")
+def small1_zip(omniglot_zips) -> Path:
+    """The official small1 zip (the test fails, naming it, when it is missing)."""
+    return omniglot_zips[SMALL1]
+
+
+@pytest.fixture(scope="module")
+def small1_data_dir(tmp_path_factory, small1_zip) -> Path:
+    """A TFDS data_dir with the small1 config built from the official zip."""
     data_dir = tmp_path_factory.mktemp("tfds_small1")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv(sources.ENV_VAR, raising=False)
-        omniglot.MmtlOmniglot(config="small1", data_dir=data_dir).download_and_prepare()
+    omniglot.MmtlOmniglot(config="small1", data_dir=data_dir,
+                          source_dir=small1_zip.parent).download_and_prepare()
     return data_dir
 
 
@@ -93,8 +91,7 @@ def test_builder_metadata_matches_tfds_omniglot(tmp_path):
     )
 
 
-@needs_small1
-def test_small1_split_holds_5_alphabets_of_characters_with_20_drawers(small1_data_dir):
+def test_small1_split_holds_5_alphabets_of_characters_with_20_drawers(small1_data_dir, small1_zip):
     examples = _small1_examples(small1_data_dir)
     assert len(examples) == SMALL1_CHARACTERS * 20
     alphabet_names = omniglot.ALPHABETS
@@ -102,8 +99,14 @@ def test_small1_split_holds_5_alphabets_of_characters_with_20_drawers(small1_dat
     drawers = collections.defaultdict(set)
     for e in examples:
         assert e["image"].shape == (105, 105, 3) and e["image"].dtype == np.uint8
-        assert 0 <= e["label"] < 1623 and 0 <= e["alphabet_char_id"] < 55
         drawers[int(e["label"])].add(int(e["drawer_id"]))
+    # every example's numbers are its file's: <alphabet>/characterNN/IIII_DD.png, 0-based
+    with zipfile.ZipFile(small1_zip) as archive:
+        named = [m.split("/")[1:] for m in archive.namelist() if m.endswith(".png")]
+    from_names = {(int(file[:4]) - 1, alphabet_names.index(alphabet), int(character[-2:]) - 1,
+                   int(file[5:7]) - 1) for alphabet, character, file in named}
+    assert {(int(e["label"]), int(e["alphabet"]), int(e["alphabet_char_id"]), int(e["drawer_id"]))
+            for e in examples} == from_names and len(named) == len(examples)
     assert len(drawers) == SMALL1_CHARACTERS
     assert all(d == set(range(20)) for d in drawers.values())
     # Global ids come from the file names: Balinese character01 is 0108 in the background set.
@@ -115,9 +118,9 @@ def test_small1_split_holds_5_alphabets_of_characters_with_20_drawers(small1_dat
     assert first == {107}
 
 
-@needs_small1
-def test_builds_are_byte_identical(small1_data_dir, tmp_path):
-    omniglot.MmtlOmniglot(config="small1", data_dir=tmp_path).download_and_prepare()
+def test_builds_are_byte_identical(small1_data_dir, small1_zip, tmp_path):
+    omniglot.MmtlOmniglot(config="small1", data_dir=tmp_path,
+                          source_dir=small1_zip.parent).download_and_prepare()
     pattern = "mmtl_omniglot/small1/1.0.0/*.tfrecord*"
     first = sorted(small1_data_dir.glob(pattern))
     second = sorted(tmp_path.glob(pattern))
@@ -125,7 +128,6 @@ def test_builds_are_byte_identical(small1_data_dir, tmp_path):
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second))
 
 
-@needs_small1
 def test_example_keys_are_unique_and_stable(small1_data_dir):
     extracted = next((small1_data_dir / "downloads" / "extracted" / "mmtl_omniglot").glob("*"))
     builder = omniglot.MmtlOmniglot(config="small1", data_dir=small1_data_dir)
@@ -144,10 +146,9 @@ def test_evaluation_character_in_a_background_zip_stops_the_build(tmp_path):
         builder.download_and_prepare()
 
 
-@needs_small1
-def test_truncated_zip_is_rejected_naming_the_file(tmp_path):
+def test_truncated_zip_is_rejected_naming_the_file(tmp_path, small1_zip):
     truncated = tmp_path / f"{SMALL1}.zip"
-    truncated.write_bytes(SMALL1_ZIP.read_bytes()[: 700_001])
+    truncated.write_bytes(small1_zip.read_bytes()[: 700_001])
     with pytest.raises(sources.OmniglotSourceError, match="corrupt or truncated") as err:
         sources.extract_zip(truncated, tmp_path / "extracted", SMALL1)
     assert str(truncated) in str(err.value)
@@ -263,20 +264,19 @@ def test_explicit_dir_without_the_zip_is_an_error_not_a_fallback(tmp_path, monke
     assert expected[kind] in message
 
 
-@needs_small1
 def test_env_var_dir_wins_over_shared_folder_and_argument_wins_over_env(tmp_path, monkeypatch):
-    from_env, from_arg = tmp_path / "env", tmp_path / "arg"
-    for folder in (from_env, from_arg):
+    shared, from_env, from_arg = tmp_path / "shared", tmp_path / "env", tmp_path / "arg"
+    for folder in (shared, from_env, from_arg):  # locating only looks for the file name
         folder.mkdir()
-        shutil.copy(SMALL1_ZIP, folder)
-    assert sources.locate_zip(SMALL1) == SMALL1_ZIP
+        (folder / f"{SMALL1}.zip").write_bytes(folder.name.encode())
+    monkeypatch.setattr(sources, "shared_data_dir", lambda: shared)
+    assert sources.locate_zip(SMALL1) == shared / f"{SMALL1}.zip"
     monkeypatch.setenv(sources.ENV_VAR, str(from_env))
     assert sources.locate_zip(SMALL1) == from_env / f"{SMALL1}.zip"
     assert sources.locate_zip(SMALL1, source_dir=from_arg) == from_arg / f"{SMALL1}.zip"
 
 
-@needs_small1
-def test_class_cache_is_grouped_by_character_in_drawer_order(small1_data_dir):
+def test_class_cache_is_grouped_by_character_in_drawer_order(small1_data_dir, small1_zip):
     prep = Preprocessing(image_size=28, ink_as_one=True)
     classes = omniglot.load_omniglot_classes("small1", prep, data_dir=small1_data_dir)
     assert classes.images.shape == (SMALL1_CHARACTERS * 20, 28, 28, 1)
@@ -286,14 +286,13 @@ def test_class_cache_is_grouped_by_character_in_drawer_order(small1_data_dir):
     assert {classes.group_names[g] for g in classes.groups} == SMALL1_ALPHABETS
     # Class 0 is character 0108 (Balinese character01): its rows are the drawers 01..20 in order.
     assert classes.class_ids[0] == 107
-    with zipfile.ZipFile(SMALL1_ZIP) as archive:
+    with zipfile.ZipFile(small1_zip) as archive:
         for drawer in range(1, 21):
             with archive.open(f"{SMALL1}/Balinese/character01/0108_{drawer:02d}.png") as f:
                 expected = preprocess_array(np.asarray(Image.open(f).convert("L")), prep)
             np.testing.assert_allclose(classes.images[drawer - 1], expected, atol=1e-6)
 
 
-@needs_small1
 def test_class_cache_polarity_follows_ink_as_one(small1_data_dir):
     ink = omniglot.load_omniglot_classes("small1", Preprocessing(20, True), small1_data_dir)
     paper = omniglot.load_omniglot_classes("small1", Preprocessing(20, False), small1_data_dir)
@@ -304,7 +303,6 @@ def test_class_cache_polarity_follows_ink_as_one(small1_data_dir):
     assert {"small1_20_ink1.npz", "small1_20_ink0.npz"} <= {p.name for p in cache.iterdir()}
 
 
-@needs_small1
 def test_class_cache_is_reused_on_the_next_call(small1_data_dir, monkeypatch):
     prep = Preprocessing(image_size=24, ink_as_one=True)
     first = omniglot.load_omniglot_classes("small1", prep, data_dir=small1_data_dir)
@@ -346,9 +344,9 @@ def test_generic_loader_names_an_unknown_dataset(tmp_path):
 
 
 @pytest.mark.slow
-@needs_small1
-def test_full_train_split_has_964_characters_of_30_alphabets(tmp_path):
-    classes = omniglot.load_omniglot_classes("train", Preprocessing(28, True), data_dir=tmp_path)
+def test_full_train_split_has_964_characters_of_30_alphabets(tmp_path, omniglot_zips):
+    classes = omniglot.load_omniglot_classes("train", Preprocessing(28, True), data_dir=tmp_path,
+                                             source_dir=omniglot_zips["images_background"].parent)
     assert classes.images.shape == (19280, 28, 28, 1)
     assert classes.num_classes == 964 and np.all(classes.counts == 20)
     assert classes.class_ids.tolist() == list(range(964))

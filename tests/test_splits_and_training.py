@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from mmtl_tf.config import PRESETS, ExperimentConfig, preset
 from mmtl_tf.data import splits
@@ -13,7 +14,7 @@ PREP = Preprocessing(28)
 
 
 @pytest.fixture(scope="module")
-def background_parts():
+def background_parts(omniglot_zips):
     return {part: splits.omniglot_split("background", part, PREP)[0]
             for part in ("train", "validation", "test")}
 
@@ -32,7 +33,7 @@ def test_background_protocol_never_mixes_train_validation_and_test(background_pa
     assert train.class_ids.max() < 964 and test.class_ids.min() >= 964
 
 
-def test_vinyals_protocol_is_1200_and_423_disjoint_characters_with_rotations():
+def test_vinyals_protocol_is_1200_and_423_disjoint_characters_with_rotations(omniglot_zips):
     train, rotations = splits.omniglot_split("vinyals", "train", PREP)
     test, _ = splits.omniglot_split("vinyals", "test", PREP)
     assert rotations is True
@@ -67,7 +68,8 @@ def test_config_errors_name_the_value():
         preset("tiny").replace(data={"family": "cifar"})
 
 
-def test_train_writes_a_complete_run_folder_and_refuses_another_configuration(tmp_path):
+def test_train_writes_a_complete_run_folder_and_refuses_another_configuration(tmp_path,
+                                                                          omniglot_zips):
     from mmtl_tf import checkpoints
     from mmtl_tf.run_callbacks import read_history
     from mmtl_tf.training import load_learner, train
@@ -83,16 +85,54 @@ def test_train_writes_a_complete_run_folder_and_refuses_another_configuration(tm
     assert metrics["best_step"] in (2, 4, 5) and metrics["episodes"] == 8
     assert ExperimentConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == config
     assert not list(tmp_path.rglob("*.tmp*")), "no temporary file is left behind"
-    latest, loaded = load_learner(tmp_path, "latest")
-    assert loaded == config and all(np.isfinite(v.numpy()).all() for v in latest.weights)
+    learner, loaded = load_learner(tmp_path, "latest")
+    assert loaded == config
+    # the last checkpoint is the model that was scored: recompute its accuracy query by query
+    accuracy, queries = _query_accuracy(learner, config)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    # train() averages float32 per-episode accuracies: equal up to that rounding
+    assert metrics["accuracy"] == pytest.approx(accuracy, abs=1e-6), (metrics, accuracy, queries)
     assert train(config, tmp_path, verbose=0) == metrics, "a finished run is not trained again"
     with pytest.raises(ValueError, match=r"another configuration \(differs in train.meta_lr "
                                          r"\(0.001 -> 0.002\)\).*--force"):
         train(config.replace(train={"meta_lr": 2e-3}), tmp_path)
 
 
+def _query_accuracy(learner, config):
+    """(fraction of query images whose largest adapted logit is their label, query count) on
+    the episodes train() scores (validation alphabets, eval_seed, eval_episodes), through the
+    one inner loop with its fixed number of steps and numpy."""
+    from mmtl_tf.data.episode_files import draw_episodes
+    from mmtl_tf.meta import inner_loop as il
+    from mmtl_tf.training import episode_sampler
+
+    episodes = draw_episodes(episode_sampler(config, "validation"), config.train.eval_seed,
+                             config.train.eval_episodes)
+    theta = [tf.convert_to_tensor(p) for p in learner.meta_params]
+    ways, hits = config.data.ways, []
+    for support_x, support_y, query_x, query_y in zip(*episodes[:4]):
+        adapted = il.adapt(learner.loop, theta, tf.constant(support_x), tf.constant(support_y),
+                           ways, config.meta.eval_inner_steps, learner.learning_rates(ways))
+        logits = il.query_logits(learner.loop, adapted.params, tf.constant(support_x),
+                                 tf.constant(query_x)).numpy()
+        hits.append(logits.argmax(axis=1) == query_y)
+    hits = np.concatenate(hits)
+    assert len(hits) == config.train.eval_episodes * ways * config.data.queries
+    return float(hits.mean()), len(hits)
+
+
+def test_meta_training_beats_chance_on_held_out_characters(trained_export):
+    """trained_export: 150 meta-steps on small1 characters minus one held-out alphabet, scored
+    at the end on that validation alphabet. 8 episodes x 5 ways x 3 queries = 120 queries;
+    chance is 20%: 40% is twice chance."""
+    metrics = json.loads((trained_export.workdir / "metrics.json").read_text())
+    assert metrics["part"] == "validation" and metrics["ways"] == 5
+    assert metrics["accuracy"] >= 0.4, metrics
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])  # XLA drops the step's assertion
-def test_non_finite_loss_stops_training_and_keeps_no_nan_checkpoint(tmp_path, jit_compile):
+def test_non_finite_loss_stops_training_and_keeps_no_nan_checkpoint(tmp_path, jit_compile,
+                                                                    omniglot_zips):
     from mmtl_tf import checkpoints
     from mmtl_tf.training import NonFiniteLossError, train
 
