@@ -65,12 +65,17 @@ def restore(learner, path, groups=("model", "optimizer", "trackers")) -> dict:
         if group not in groups:
             continue
         names = sorted(n for n in stored if n.startswith(group + "/"))
-        shapes = [tuple(stored[n].shape) for n in names]
-        if shapes != [tuple(v.shape) for v in variables]:
+        shapes, wanted = [tuple(stored[n].shape) for n in names], [tuple(v.shape) for v in variables]
+        if shapes != wanted:
+            first = next((i for i, (a, b) in enumerate(zip(shapes, wanted)) if a != b),
+                         min(len(shapes), len(wanted)))
             raise CheckpointError(
-                f"{path} holds {group} variables of shapes {shapes[:4]}... ({len(shapes)} in all) "
-                f"where this configuration has {len(variables)}: it is from another architecture "
-                "or algorithm; use the run folder it belongs to, or start over with --force")
+                f"{path} does not match this configuration: {len(shapes)} {group} variables where "
+                f"it has {len(wanted)}, number {first} of shape "
+                f"{shapes[first] if first < len(shapes) else None} where it needs "
+                f"{wanted[first] if first < len(wanted) else None}; it is from another "
+                "architecture or algorithm: use the run folder it belongs to, or start over "
+                "with --force")
         for name, v in zip(names, variables):
             v.assign(stored[name])
     return record
