@@ -70,6 +70,29 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | N
     return manifest
 
 
+def rebuild_run(export_folder, workdir) -> Path:
+    """Rebuilds a training-run folder (config.json, metrics.json, the checkpoint) from an
+    export's model.keras, checked against its manifest hash: an export can then be rebuilt
+    with the same weights after its run folder is gone (``pipelines/export.py --from-export``;
+    params.npz comes out byte-identical)."""
+    import keras
+
+    from mmtl_tf.training import CHECKPOINT, save_checkpoint  # registers the Keras classes
+
+    export_folder, workdir = Path(export_folder), Path(workdir)
+    manifest = json.loads((export_folder / MANIFEST).read_text())
+    for name in ("model.keras", "config.json"):
+        if sha256(export_folder / name) != manifest["files"].get(name):
+            raise ValueError(f"{export_folder / name} does not match its SHA-256 in the manifest; "
+                             "rebuild from an intact export folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "metrics.json"):
+        if (export_folder / name).is_file():
+            shutil.copyfile(export_folder / name, workdir / name)
+    save_checkpoint(keras.saving.load_model(export_folder / "model.keras"), workdir / CHECKPOINT)
+    return workdir
+
+
 SUPPORT_BUCKETS = (5, 25)  # support rows of the smaller adaptation graphs (5-way 1-shot, 5x5)
 BUCKET_GRAPHS = ("adapt_step", "head_step", "init_head", "support_stats", "head_then_adapt_step")
 
