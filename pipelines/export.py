@@ -15,7 +15,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="a training run folder (pipelines/train.py)")
-    source.add_argument("--from-export", help="an export folder whose model.keras to export again")
+    source.add_argument("--from-export",
+                        help="an export folder whose model.keras to export again")
     parser.add_argument("--out", required=True, help="the export folder to write")
     parser.add_argument("--max-shots", type=int, default=5, help="largest K the device graphs accept")
     parser.add_argument("--model-card", help="a Markdown model card to ship as MODEL_CARD.md")

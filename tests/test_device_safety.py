@@ -114,7 +114,8 @@ def test_an_edited_manifest_is_refused(export_copy):
                        match=r"manifest.json does not match its SHA-256 in manifest.json.sha256"):
         ondevice.load(export_copy)
     (export_copy / "manifest.json.sha256").unlink()
-    with pytest.raises(ondevice.ExportError, match=r"has no valid manifest.json.sha256 .*re-export"):
+    with pytest.raises(ondevice.ExportError,
+                       match=r"has no valid manifest.json.sha256 .*re-export"):
         ondevice.load(export_copy)
 
 
@@ -134,7 +135,8 @@ def test_the_manifest_hash_is_sha256sum_of_the_manifest_bytes(tmp_path):
 @pytest.fixture(scope="module")
 def state_bytes(shipped, tmp_path_factory):
     x, labels = synthetic_support(5, 1, seed=7)
-    return shipped.adapt(x, labels).save(tmp_path_factory.mktemp("state") / "me.personal").read_bytes()
+    path = shipped.adapt(x, labels).save(tmp_path_factory.mktemp("state") / "me.personal")
+    return path.read_bytes()
 
 
 def test_saved_states_are_owner_only_even_over_a_world_readable_file(shipped, tmp_path):
@@ -244,7 +246,8 @@ def test_adaptation_graphs_agree_in_the_onnx_reference_evaluator(shipped, stem):
     outputs = [o.name for o in session.get_outputs()]
     expected = session.run(outputs, inputs)
     with np.errstate(divide="ignore"):  # log(0) of the masked classes is the point
-        got = ReferenceEvaluator(onnx.load_from_string(shipped.graph_bytes(stem))).run(outputs, inputs)
+        reference = ReferenceEvaluator(onnx.load_from_string(shipped.graph_bytes(stem)))
+        got = reference.run(outputs, inputs)
     for name, a, b in zip(outputs, expected, got):
         assert np.isfinite(b).all(), f"{stem}: {name} is not finite in the reference evaluator"
         np.testing.assert_allclose(b, a, rtol=0, atol=2e-5, err_msg=f"{stem}: {name}")
@@ -357,15 +360,22 @@ def test_the_device_install_is_documented_from_a_local_path():
     device = tomllib.loads(pyproject)["project"]["optional-dependencies"]["device"]
     for requirement in device:  # the README's command installs the extra's packages
         assert f'"{requirement.split(">")[0]}>=' in command, requirement
-    assert f'pip install --no-deps . && pip install {command.split("pip install ")[-1]}' in pyproject
+    packages = command.split("pip install ")[-1]
+    assert f"pip install --no-deps . && pip install {packages}" in pyproject  # the same command
 
 
 # ----- smaller: the export folder swap, the import graph -----------------------------------------
-def test_replacing_a_folder_never_leaves_the_target_missing(tmp_path, monkeypatch):
-    target, new = tmp_path / "export", tmp_path / ".export.new"
+def old_and_new_folders(root: Path):
+    """``root/export`` holding manifest.json "old", and a finished ``root/.export.new`` ("new")."""
+    target, new = root / "export", root / ".export.new"
     for folder, text in ((target, "old"), (new, "new")):
         folder.mkdir()
         (folder / "manifest.json").write_text(text)
+    return target, new
+
+
+def test_replacing_a_folder_never_leaves_the_target_missing(tmp_path, monkeypatch):
+    target, new = old_and_new_folders(tmp_path)
     seen = []
     rename = os.rename
 
@@ -381,10 +391,7 @@ def test_replacing_a_folder_never_leaves_the_target_missing(tmp_path, monkeypatc
 
 
 def test_without_an_atomic_exchange_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
-    target, new = tmp_path / "export", tmp_path / ".export.new"
-    for folder, text in ((target, "old"), (new, "new")):
-        folder.mkdir()
-        (folder / "manifest.json").write_text(text)
+    target, new = old_and_new_folders(tmp_path)
     monkeypatch.setattr(files, "_exchange", lambda a, b: False)
     rename = os.rename
 

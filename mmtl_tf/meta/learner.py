@@ -303,7 +303,8 @@ class MetaLearner(keras.Model):
         if kept < steps:  # adaptation is deterministic: the first `kept` steps again
             adapted = il.adapt(self.loop, meta_params, tf.convert_to_tensor(support_x), support_y,
                                ways, kept, self.learning_rates(ways), True)
-        result = AdaptedParams(adapted.params, losses.tolist(), kept, best_step.status(losses, kept))
+        result = AdaptedParams(adapted.params, losses.tolist(), kept,
+                               best_step.status(losses, kept))
         if result.status != "ok":
             warnings.warn(result.status, best_step.AdaptationWarning, stacklevel=2)
         return result

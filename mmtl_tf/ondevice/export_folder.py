@@ -32,7 +32,8 @@ def read_verified(folder: Path) -> tuple[dict, dict[str, bytes]]:
     expected = recorded_sha256(manifest_path)
     if expected is None:
         raise ExportError(f"{folder} has no valid {checksum_path(manifest_path).name} (the hash "
-                          f"of {MANIFEST}, written by exports since it was added); re-export the model")
+                          f"of {MANIFEST}, written by exports since it was added); re-export "
+                          "the model")
     if sha256(data) != expected:
         raise ExportError(f"{manifest_path} does not match its SHA-256 in "
                           f"{checksum_path(manifest_path).name} (edited or corrupted); copy the "
@@ -70,7 +71,8 @@ def _verified_files(folder: Path, manifest: dict) -> dict[str, bytes]:
     for relative, expected in sorted(files.items()):
         path = (folder / relative).resolve()
         if root not in path.parents:
-            raise ExportError(f"{folder / MANIFEST} lists {relative!r}, which is outside the folder")
+            raise ExportError(f"{folder / MANIFEST} lists {relative!r}, which is outside the "
+                              "folder")
         if not path.is_file():
             raise ExportError(f"{folder / relative} is missing; the export is incomplete: "
                               "copy the whole folder again")

@@ -138,46 +138,61 @@ def read_state(export, path) -> PersonalModel:
     meta-initialisation, every key and array present, of its shape and finite, and no archive
     member larger than this export's state can be. Raises PersonalStateError naming the fault."""
     path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            _check_sizes(archive, export, path)
-            if archive.testzip() is not None:
-                raise zipfile.BadZipFile("a member fails its CRC check")
-            state = json.loads(archive.read(STATE_JSON))
-            arrays = {n[len("arrays/"):-len(".npy")]: np.lib.format.read_array(
-                io.BytesIO(archive.read(n)), allow_pickle=False)
-                for n in archive.namelist() if n.startswith("arrays/") and n.endswith(".npy")}
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        raise PersonalStateError(f"{path} is not a readable personal state ({err}); adapt again "
-                                 "and save") from None
+    state, arrays = _read_archive(export, path)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get(
             "format_version") != STATE_VERSION:
-        raise PersonalStateError(f"{path} is not an mmtl_tf personal state of version {STATE_VERSION}")
+        raise PersonalStateError(f"{path} is not an mmtl_tf personal state of version "
+                                 f"{STATE_VERSION}")
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise PersonalStateError(f"{path}: {STATE_JSON} lacks the key(s) {', '.join(missing)}; "
                                  "the file is damaged: adapt again and save")
     if state["meta_init_sha256"] != export.meta_init_sha256:
         raise PersonalStateError(
-            f"{path} was adapted from the meta-initialisation {str(state['meta_init_sha256'])[:12]}... "
-            f"but {export.folder} holds {export.meta_init_sha256[:12]}...; a state works only "
-            "with the export it came from: adapt this model again")
+            f"{path} was adapted from the meta-initialisation "
+            f"{str(state['meta_init_sha256'])[:12]}... but {export.folder} holds "
+            f"{export.meta_init_sha256[:12]}...; a state works only with the export it came "
+            "from: adapt this model again")
     names = state["class_names"]
     if not isinstance(names, list) or not 2 <= len(names) <= export.max_ways:
         raise PersonalStateError(f"{path}: class_names must be a list of 2 to max_ways="
-                                 f"{export.max_ways} names; the file is damaged: adapt again and save")
-    params = {n: arrays.get(n) for n in export.param_names}
-    bn = None if export.transductive else {n: arrays.get(n) for n in export.bn_names}
-    for name, array in {**params, **(bn or {})}.items():
-        expected = (export.params | export.bn_stats)[name]
+                                 f"{export.max_ways} names; the file is damaged: adapt again "
+                                 "and save")
+    params = _checked_arrays(path, arrays, export.param_names, export.params)
+    bn = None if export.transductive else _checked_arrays(path, arrays, export.bn_names,
+                                                          export.bn_stats)
+    return PersonalModel(export, names, params, bn, state["steps_run"], state["support_losses"],
+                         state["status"])
+
+
+def _read_archive(export, path: Path) -> tuple[dict, dict]:
+    """(personal.json's content, arrays by name) of the archive at ``path``."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            _check_sizes(archive, export, path)
+            if archive.testzip() is not None:
+                raise zipfile.BadZipFile("a member fails its CRC check")
+            arrays = {n[len("arrays/"):-len(".npy")]: np.lib.format.read_array(
+                io.BytesIO(archive.read(n)), allow_pickle=False)
+                for n in archive.namelist() if n.startswith("arrays/") and n.endswith(".npy")}
+            return json.loads(archive.read(STATE_JSON)), arrays
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise PersonalStateError(f"{path} is not a readable personal state ({err}); adapt again "
+                                 "and save") from None
+
+
+def _checked_arrays(path: Path, arrays: dict, names: list, reference: dict) -> dict:
+    """``arrays[name]`` for each name, each of its reference's dtype and shape, and finite."""
+    for name in names:
+        array, expected = arrays.get(name), reference[name]
         if array is None or array.shape != expected.shape or array.dtype != expected.dtype:
-            raise PersonalStateError(f"{path}: parameter {name} is missing or not {expected.dtype} "
-                                     f"of shape {expected.shape}; adapt again and save")
+            raise PersonalStateError(f"{path}: parameter {name} is missing or not "
+                                     f"{expected.dtype} of shape {expected.shape}; adapt again "
+                                     "and save")
         if not np.isfinite(array).all():
             raise PersonalStateError(f"{path}: parameter {name} holds non-finite values (NaN or "
                                      "infinity); the state is damaged: adapt again and save")
-    return PersonalModel(export, names, params, bn, state["steps_run"], state["support_losses"],
-                         state["status"])
+    return {name: arrays[name] for name in names}
 
 
 def _check_sizes(archive: zipfile.ZipFile, export, path: Path) -> None:

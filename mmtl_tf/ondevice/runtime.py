@@ -41,7 +41,8 @@ def load(folder, threads: int | None = None) -> "ExportedModel":
     try:
         return ExportedModel(folder, manifest, files, threads)
     except KeyError as err:
-        raise ExportError(f"{folder / MANIFEST} lacks the key {err}; re-export the model") from None
+        raise ExportError(f"{folder / MANIFEST} lacks the key {err}; re-export the "
+                          "model") from None
 
 
 def load_personal(export_folder, path, threads: int | None = None) -> PersonalModel:
@@ -100,7 +101,8 @@ class ExportedModel:
         wanted = self.param_names + self.bn_names + ["lr_" + n for n in self.param_names]
         missing = [n for n in wanted if n not in arrays]
         if missing:
-            raise ExportError(f"{self.folder / name} lacks arrays {missing[:5]}; re-export the model")
+            raise ExportError(f"{self.folder / name} lacks arrays {missing[:5]}; re-export the "
+                              "model")
         pick = lambda names: {n: arrays[n].astype(np.float32) for n in names}
         return (pick(self.param_names), pick(self.bn_names),
                 {n: arrays["lr_" + n].astype(np.float32) for n in self.param_names})
