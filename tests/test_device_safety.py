@@ -275,6 +275,24 @@ def test_the_support_loss_keeps_the_value_and_gradient_of_the_one_hot_form():
             np.testing.assert_array_equal(tape.gradient(loss, logits), tape.gradient(old, logits))
 
 
+def test_a_run_rebuilt_from_the_shipped_export_gives_its_params_byte_for_byte(tmp_path):
+    """How the shipped export was re-exported without its training run (--from-export)."""
+    from mmtl_tf.export.exporter import rebuild_run, write_params
+    from mmtl_tf.export.signatures import ExportSpec, Exportable
+    from mmtl_tf.training import load_learner
+
+    learner, config = load_learner(rebuild_run(SHIPPED, tmp_path / "run"))
+    manifest = json.loads((SHIPPED / "manifest.json").read_text())
+    spec = ExportSpec(config.data.image_size, 1, learner.config.max_ways, manifest["max_shots"],
+                      learner.config.transductive, learner.config.learned_inner_lr)
+    write_params(tmp_path / "params.npz", Exportable(learner, spec))
+    assert (tmp_path / "params.npz").read_bytes() == (SHIPPED / "params.npz").read_bytes()
+    copy = Path(shutil.copytree(SHIPPED, tmp_path / "copy"))
+    (copy / "model.keras").write_bytes(b"another model")
+    with pytest.raises(ValueError, match=r"model.keras does not match its SHA-256"):
+        rebuild_run(copy, tmp_path / "run2")
+
+
 # ----- 14: adaptation keeps its best step and says so -------------------------------------------
 def test_best_step_rule():
     assert best_step.kept_step([3.0, 0.62, 0.32, 2.07]) == 2
