@@ -41,14 +41,16 @@ def mean_and_ci95(values) -> tuple[float, float]:
 
 def evaluate_export(folder, episodes: Episode, steps: int) -> dict:
     """Scores an export folder through the device runtime (onnxruntime, the exported
-    adaptation graphs) on the same episodes: accuracy with its 95% confidence interval."""
+    adaptation graphs) on the same episodes: accuracy with its 95% confidence interval. Every
+    episode keeps its last step's weights, as ``evaluate_episodes`` does (not the best step a
+    user's ``adapt`` keeps), so the two scores are comparable."""
     from mmtl_tf import ondevice
 
     model = ondevice.load(folder)
     accuracies = []
     for e in range(len(episodes.support_x)):
         personal = model.adapt(list(episodes.support_x[e]), episodes.support_y[e].tolist(),
-                               steps=steps)
+                               steps=steps, keep_best=False)  # TensorFlow's fixed-step protocol
         predicted = personal.logits(episodes.query_x[e]).argmax(axis=1)
         labels = np.asarray(personal.class_names)[predicted]  # class names are the int labels
         accuracies.append(float(np.mean(labels == episodes.query_y[e])))

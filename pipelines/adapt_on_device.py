@@ -39,8 +39,10 @@ def main(argv=None):
     width = max(len(k) for k in result["predictions"])
     for name, label in result["predictions"].items():
         print(f"{name:<{width}}  {label}  {result['probabilities'][name]:.3f}")
-    if "saved" in result:
+    if result.get("saved"):
         print(f"personal state saved to {result['saved']}")
+    elif "not_saved" in result:
+        print(f"personal state not saved: {result['not_saved']}")
     return 0
 
 

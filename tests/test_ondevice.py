@@ -496,6 +496,8 @@ def export_copy(untrained_export, tmp_path):
 
 
 def test_a_modified_file_fails_its_manifest_hash_by_name(export_copy):
+    from mmtl_tf.export.exporter import write_manifest
+
     original = (export_copy / "predict.onnx").read_bytes()
     data = bytearray(original)
     data[-1] ^= 1
@@ -508,13 +510,13 @@ def test_a_modified_file_fails_its_manifest_hash_by_name(export_copy):
     (export_copy / "predict.onnx").write_bytes(b"anything at all")
     manifest = json.loads((export_copy / "manifest.json").read_text())
     del manifest["files"]["predict.onnx"]  # a loaded graph no hash covers is refused too
-    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(export_copy, manifest)  # with its own hash: only the edit above is wrong
     with pytest.raises(ondevice.ExportError, match=r"has no SHA-256 for predict.onnx, which"):
         ondevice.load(export_copy)
     (export_copy / "predict.onnx").write_bytes(original)
     manifest["files"]["predict.onnx"] = hashlib.sha256(original).hexdigest()
     del manifest["max_ways"]
-    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(export_copy, manifest)
     with pytest.raises(ondevice.ExportError, match="lacks the key 'max_ways'"):
         ondevice.load(export_copy)
     (export_copy / "manifest.json").unlink()
@@ -577,7 +579,7 @@ def test_saved_state_round_trips(untrained_export, personal, task, tmp_path):
 
 
 def test_state_from_another_meta_initialisation_is_refused(untrained_export, personal, export_copy, tmp_path):
-    from mmtl_tf.export.exporter import sha256, write_npz
+    from mmtl_tf.export.exporter import sha256, write_manifest, write_npz
 
     with np.load(export_copy / "params.npz") as npz:
         arrays = {k: npz[k] for k in npz.files}
@@ -585,7 +587,7 @@ def test_state_from_another_meta_initialisation_is_refused(untrained_export, per
     write_npz(export_copy / "params.npz", arrays)
     manifest = json.loads((export_copy / "manifest.json").read_text())
     manifest["files"]["params.npz"] = manifest["meta_init_sha256"] = sha256(export_copy / "params.npz")
-    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(export_copy, manifest)
     ondevice.load(export_copy)  # the other export itself is fine
     path = personal.save(tmp_path / "me.personal")
     with pytest.raises(ondevice.PersonalStateError, match="adapted from the meta-initialisation"):

@@ -1,7 +1,8 @@
 """export(workdir, out): one self-describing folder a device can adapt with.
 
-The folder is assembled in a temporary sibling and renamed into place, so a reader never sees a
-half-written export; an existing folder is replaced only with ``force``.
+The folder is assembled in a temporary sibling and swapped into place (``files.replace_folder``),
+so a reader never sees a half-written export; an existing folder is replaced only with ``force``.
+``manifest.json`` is covered by ``manifest.json.sha256`` (see ``write_manifest``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmtl_tf.files import sha256, sync_folder, sync_tree
+from mmtl_tf.files import replace_folder, sha256, write_checksummed
 from mmtl_tf.preprocessing import Preprocessing
 
 MANIFEST = "manifest.json"
@@ -61,13 +62,38 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | N
             if (Path(workdir) / name).is_file():
                 shutil.copyfile(Path(workdir) / name, tmp / name)
         manifest = build_manifest(tmp, exportable, config, graphs, opset)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_manifest(tmp, manifest)
         tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shipped
-        _replace_folder(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def rebuild_run(export_folder, workdir) -> Path:
+    """Rebuilds a training-run folder (config.json, metrics.json, the checkpoint) from an
+    export's model.keras, checked against its manifest hash: an export can then be rebuilt
+    with the same weights after its run folder is gone (``pipelines/export.py --from-export``;
+    params.npz comes out byte-identical)."""
+    import keras
+
+    import mmtl_tf.training  # noqa: F401  (registers the Keras classes)
+    from mmtl_tf import checkpoints
+
+    export_folder, workdir = Path(export_folder), Path(workdir)
+    manifest = json.loads((export_folder / MANIFEST).read_text())
+    for name in ("model.keras", "config.json"):
+        if sha256(export_folder / name) != manifest["files"].get(name):
+            raise ValueError(f"{export_folder / name} does not match its SHA-256 in the manifest; "
+                             "rebuild from an intact export folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "metrics.json"):
+        if (export_folder / name).is_file():
+            shutil.copyfile(export_folder / name, workdir / name)
+    learner = keras.saving.load_model(export_folder / "model.keras", compile=False)
+    checkpoints.save(learner, checkpoints.folder(workdir) / checkpoints.BEST, {"step": None})
+    return workdir
 
 
 SUPPORT_BUCKETS = (5, 25)  # support rows of the smaller adaptation graphs (5-way 1-shot, 5x5)
@@ -158,15 +184,12 @@ def build_manifest(folder: Path, exportable, config, graphs: dict, opset: int) -
     }
 
 
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Moves the finished folder into place; an old one is moved aside first, removed after."""
-    sync_tree(tmp)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    tmp.rename(out)
-    sync_folder(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def write_manifest(folder, manifest: dict) -> Path:
+    """Writes ``folder/manifest.json`` and ``manifest.json.sha256``, the SHA-256 of its bytes.
+
+    The manifest lists every other file's hash but cannot hold its own, so without the second
+    file its settings (preprocessing, batch-norm mode, rates, graph list) could be edited
+    unseen; the device runtime refuses a manifest that does not match it. Like every hash here
+    this catches corruption and unwitting edits, not a forger, who can rewrite both."""
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    return write_checksummed(Path(folder) / MANIFEST, text.encode())

@@ -75,15 +75,20 @@ class InnerLoop:
     def loss(self, outputs, targets, sample_mask=None):
         """Mean loss of one task; classification labels are int (B,), regression targets (B, 1).
 
-        Cross-entropy is written as -sum(onehot * log_softmax) rather than TensorFlow's fused
-        sparse op, whose backprop output does not convert to ONNX. With ``sample_mask`` (B,)
-        the mean runs over the real rows only.
+        Cross-entropy is written by hand rather than as TensorFlow's fused sparse op, whose
+        backprop output does not convert to ONNX. The label's log-probability is gathered, not
+        picked by a one-hot product: a masked class's log-probability is -inf in a runtime whose
+        LogSoftmax is log(softmax(x)) (onnx's reference evaluator), and 0 * -inf is NaN (a
+        Where would not do: tf2onnx turns a float Select into that product). Value and gradient
+        equal those of -sum(onehot * log_softmax). With ``sample_mask`` (B,) the mean runs over
+        the real rows only.
         """
         if self.task == "regression":
             per_example = tf.reduce_mean(tf.square(outputs - targets), axis=-1)
         else:
-            onehot = tf.one_hot(targets, tf.shape(outputs)[-1], dtype=outputs.dtype)
-            per_example = -tf.reduce_sum(onehot * tf.nn.log_softmax(outputs), axis=-1)
+            rows = tf.range(tf.shape(targets)[0], dtype=targets.dtype)
+            label_at = tf.stack([rows, targets], axis=1)  # (B, 2): row, label
+            per_example = -tf.gather_nd(tf.nn.log_softmax(outputs), label_at)
         if sample_mask is None:
             return tf.reduce_mean(per_example)
         weights = tf.cast(sample_mask, per_example.dtype)

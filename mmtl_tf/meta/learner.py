@@ -7,10 +7,13 @@ meta-batch is adapted by the one inner loop (``inner_loop.adapt``); the tasks ar
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
 
+from mmtl_tf import best_step
 from mmtl_tf.data.episodes import Episode
 from mmtl_tf.meta import inner_loop as il
 from mmtl_tf.meta.algorithms import (MetaConfig, inner_rate_schedule, multi_step_weights,
@@ -298,9 +301,11 @@ class MetaLearner(keras.Model):
     def adapt(self, support_x, support_y, ways=None, steps=None):
         """Fast weights for one task: support_x (N*K, ...), support_y (N*K,) labels 0..N-1.
 
-        Returns the task parameters ``[*encoder_params, head_w (F, N), head_b (N,)]``.
-        Raises ValueError for an empty support set or N outside 2..max_ways, and
-        FloatingPointError when a step's support loss is not finite (lower the rate).
+        Returns the task parameters ``[*encoder_params, head_w (F, N), head_b (N,)]`` of the
+        step with the lowest support loss (``mmtl_tf.best_step``, as the device runtime), as
+        an ``AdaptedParams`` list whose ``status`` says (and an AdaptationWarning warns) when
+        that is not the last step. Raises ValueError for an empty support set or N outside
+        2..max_ways, and FloatingPointError when a step's support loss is not finite.
         """
         support_y = tf.convert_to_tensor(support_y)
         if int(tf.size(support_y)) == 0:
@@ -320,7 +325,15 @@ class MetaLearner(keras.Model):
             raise FloatingPointError(
                 f"the support loss is not finite after {step} adaptation step(s) "
                 f"(losses {losses.tolist()}): lower the inner learning rate or the steps")
-        return adapted.params
+        kept = best_step.kept_step(losses)
+        if kept < steps:  # adaptation is deterministic: the first `kept` steps again
+            adapted = il.adapt(self.loop, meta_params, tf.convert_to_tensor(support_x), support_y,
+                               ways, kept, self.learning_rates(ways), True)
+        result = AdaptedParams(adapted.params, losses.tolist(), kept,
+                               best_step.status(losses, kept))
+        if result.status != "ok":
+            warnings.warn(result.status, best_step.AdaptationWarning, stacklevel=2)
+        return result
 
     def predict_adapted(self, params, query_x, support_x=None):
         """Outputs (B, N) at fast weights ``params``; non-transductive mode needs support_x."""
@@ -332,6 +345,15 @@ class MetaLearner(keras.Model):
 def _replicas() -> int:
     """Replicas of the current tf.distribute strategy, across which gradients are summed."""
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+class AdaptedParams(list):
+    """``MetaLearner.adapt``'s task parameters, with ``support_losses`` (after 0..steps
+    steps), ``steps_run`` (the step kept) and ``status`` ("ok" or ``best_step.status``)."""
+
+    def __init__(self, params, support_losses, steps_run, status):
+        super().__init__(params)
+        self.support_losses, self.steps_run, self.status = support_losses, steps_run, status
 
 
 def _accuracy(logits, labels):

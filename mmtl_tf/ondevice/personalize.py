@@ -18,9 +18,11 @@ def personalize(model_folder, support_folder, queries, steps: int | None = None,
     Returns a JSON-ready dict: ``predictions`` (query name -> class name), ``probabilities``
     (query name -> probability of that class), ``class_probabilities``, ``classes``, ``shots``,
     ``steps`` (steps whose result is kept), ``support_losses`` (after 0, 1, ... steps; null
-    when not finite), ``status`` ("ok" or "stopped: ...") and
-    ``saved`` (the state file, when ``save`` is given). Query names are file names, or the
-    paths when two queries share a file name.
+    when not finite), ``status`` ("ok", "kept_best_step: ..." or "stopped: ...") and, when
+    ``save`` is given, ``saved``: the state file, or None when adaptation stopped at a
+    non-finite loss; such a state is never saved, so a good one saved before stays in place
+    (``not_saved`` says so). Query names are file names, or the paths when two queries share a
+    file name.
     """
     model = load(model_folder)
     paths, labels = image_io.support_folder(support_folder)
@@ -40,6 +42,10 @@ def personalize(model_folder, support_folder, queries, steps: int | None = None,
         "class_probabilities": {k: dict(zip(personal.class_names, map(float, p)))
                                 for k, p in zip(keys, probabilities)},
     }
-    if save is not None:
+    if save is not None and personal.status.startswith("stopped:"):
+        result["saved"] = None
+        result["not_saved"] = (f"adaptation stopped at a non-finite support loss, so {save} was "
+                               "left as it was; adapt again with a smaller --lr or fewer --steps")
+    elif save is not None:
         result["saved"] = str(personal.save(Path(save)))
     return result

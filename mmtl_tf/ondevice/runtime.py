@@ -1,17 +1,19 @@
 """An exported model on a device: load and verify it, adapt it to a user's support set.
 
-``load(folder)`` checks every file against the manifest's SHA-256, then ``adapt`` runs the
-exported graphs the way ``Exportable.adapt`` (``mmtl_tf/export/signatures.py``) defines them:
-pad the support set to a size bucket, start from the meta-initialisation with the head from
-``init_head``, chain ``adapt_step`` ``steps`` times, and (non-transductive models) compute the
-batch-norm statistics of the support set at the final parameters, with the support logits that
-give the final support loss. The result is a
+``load(folder)`` reads the folder once and checks it (``export_folder.read_verified``: the
+manifest against its own hash, every file against the manifest's SHA-256); sessions and
+parameters are built from the verified bytes. ``adapt`` then runs the exported graphs the way
+``Exportable.adapt`` (``mmtl_tf/export/signatures.py``) defines them: pad the support set to a
+size bucket, start from the meta-initialisation with the head from ``init_head``, chain
+``adapt_step`` ``steps`` times, and (non-transductive models) compute the batch-norm statistics
+of the support set at the final parameters, with the support logits that give the final support
+loss. It keeps the step with the lowest support loss (``mmtl_tf.best_step``). The result is a
 ``PersonalModel`` (``mmtl_tf.ondevice.personal``).
 """
 
 from __future__ import annotations
 
-import json
+import io
 import re
 import warnings
 from pathlib import Path
@@ -19,46 +21,34 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mmtl_tf.files import sha256
+from mmtl_tf import best_step
+from mmtl_tf.best_step import AdaptationWarning  # noqa: F401  (part of this module's API)
 from mmtl_tf.ondevice import images as image_io
 from mmtl_tf.ondevice import support as support_set
-from mmtl_tf.ondevice.personal import PersonalModel, cross_entropy
+from mmtl_tf.ondevice.export_folder import MANIFEST, ExportError, read_verified
+from mmtl_tf.ondevice.personal import PersonalModel, cross_entropy, read_state
 from mmtl_tf.ondevice.support import AdaptationError  # noqa: F401  (part of this module's API)
 from mmtl_tf.preprocessing import Preprocessing
 
-MANIFEST = "manifest.json"
-FORMAT_VERSIONS = (1,)
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
-
-
-class ExportError(ValueError):
-    """The export folder is missing, incomplete, altered or of an unknown format."""
-
-
-class AdaptationWarning(RuntimeWarning):
-    """Adaptation stopped early (a non-finite support loss); the previous parameters are kept."""
 
 
 def load(folder, threads: int | None = None) -> "ExportedModel":
     """Opens and verifies an export folder. ``threads``: onnxruntime intra-op threads
     (None: onnxruntime's default; 1 for a single-core measurement)."""
     folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise ExportError(f"{folder} is not an exported model: it has no {MANIFEST}; export one "
-                          "with pipelines/export.py")
+    manifest, files = read_verified(folder)
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExportError(f"{manifest_path} is not valid JSON: {err}") from None
-    if manifest.get("format_version") not in FORMAT_VERSIONS:
-        raise ExportError(f"{manifest_path}: format_version {manifest.get('format_version')!r} is "
-                          f"not one this runtime reads ({FORMAT_VERSIONS}); update mmtl_tf")
-    try:
-        verify_files(folder, manifest)
-        return ExportedModel(folder, manifest, threads)
+        return ExportedModel(folder, manifest, files, threads)
     except KeyError as err:
-        raise ExportError(f"{manifest_path} lacks the key {err}; re-export the model") from None
+        raise ExportError(f"{folder / MANIFEST} lacks the key {err}; re-export the "
+                          "model") from None
+
+
+def load_personal(export_folder, path, threads: int | None = None) -> PersonalModel:
+    """A saved personal state (``PersonalModel.save``), checked against the export in
+    ``export_folder``, which it must have been adapted from."""
+    return read_state(load(export_folder, threads), path)
 
 
 _SHARED_ARENA = []
@@ -73,38 +63,12 @@ def _register_shared_arena() -> None:
         _SHARED_ARENA.append(memory)
 
 
-def verify_files(folder: Path, manifest: dict) -> None:
-    """Every file the manifest lists exists inside ``folder`` with the listed SHA-256."""
-    files = manifest.get("files") or {}
-    root = folder.resolve()
-    for relative, expected in sorted(files.items()):
-        path = (folder / relative).resolve()
-        if root not in path.parents:
-            raise ExportError(f"{folder / MANIFEST} lists {relative!r}, which is outside the folder")
-        if not path.is_file():
-            raise ExportError(f"{folder / relative} is missing; the export is incomplete: "
-                              "copy the whole folder again")
-        if sha256(path) != expected:
-            raise ExportError(f"{folder / relative} does not match its SHA-256 in the manifest "
-                              "(corrupted or modified); copy the export folder again")
-    params_file = manifest.get("params_file", "params.npz")
-    graph_files = [g.get("file") for g in (manifest.get("graphs") or {}).values()]
-    unlisted = sorted(f for f in {params_file, *graph_files} if f not in files)
-    if unlisted:  # a file the runtime loads but no hash covers could be anything
-        raise ExportError(f"{folder / MANIFEST} has no SHA-256 for {', '.join(unlisted)}, which "
-                          "the runtime loads; re-export the model")
-    if files.get(params_file) != manifest.get("meta_init_sha256"):
-        raise ExportError(f"{folder / MANIFEST}: meta_init_sha256 is not the hash of {params_file}")
-    for stem in ["init_head", "adapt_step", "predict"] + ([] if manifest["transductive"] else ["support_stats"]):
-        if stem not in manifest.get("graphs", {}):
-            raise ExportError(f"{folder / MANIFEST} has no {stem!r} graph; re-export the model")
-
-
 class ExportedModel:
-    """A verified export folder; ``adapt`` personalises it. Sessions are created on first use."""
+    """A verified export folder; ``adapt`` personalises it. Sessions are created on first use,
+    from ``files``: the verified bytes of the graphs and the parameter file."""
 
-    def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
-        self.folder, self.manifest = folder, manifest
+    def __init__(self, folder: Path, manifest: dict, files: dict, threads: int | None = None):
+        self.folder, self.manifest, self._files = folder, manifest, files
         p = manifest["preprocessing"]
         self.prep = Preprocessing(p["image_size"], p["ink_as_one"], p.get("channels", 1))
         self.max_ways, self.max_shots = int(manifest["max_ways"]), int(manifest["max_shots"])
@@ -114,7 +78,7 @@ class ExportedModel:
         self.param_names = list(manifest["parameters"])
         self.bn_names = list(manifest["batch_norm_statistics"])
         self.meta_init_sha256 = manifest["meta_init_sha256"]
-        self.params, self.bn_stats, self.lrs = self._read_params(folder / manifest["params_file"])
+        self.params, self.bn_stats, self.lrs = self._read_params(manifest["params_file"])
         self._options = ort.SessionOptions()
         # The graphs take their weights as inputs, so onnxruntime's extended optimisations
         # (layout changes that pre-pack constant weights) cannot pay off and re-pack at every
@@ -131,13 +95,14 @@ class ExportedModel:
             self._options.inter_op_num_threads = 1
         self._sessions, self._inputs, self._graph_names = {}, {}, {}
 
-    def _read_params(self, path: Path):
-        with np.load(path, allow_pickle=False) as npz:
+    def _read_params(self, name: str):
+        with np.load(io.BytesIO(self._files[name]), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         wanted = self.param_names + self.bn_names + ["lr_" + n for n in self.param_names]
         missing = [n for n in wanted if n not in arrays]
         if missing:
-            raise ExportError(f"{path} lacks arrays {missing[:5]}; re-export the model")
+            raise ExportError(f"{self.folder / name} lacks arrays {missing[:5]}; re-export the "
+                              "model")
         pick = lambda names: {n: arrays[n].astype(np.float32) for n in names}
         return (pick(self.param_names), pick(self.bn_names),
                 {n: arrays["lr_" + n].astype(np.float32) for n in self.param_names})
@@ -161,10 +126,13 @@ class ExportedModel:
             raise ExportError(f"{self.folder / MANIFEST} has no {stem!r} graph")
         return stem
 
+    def graph_bytes(self, name: str) -> bytes:
+        """The verified ONNX bytes of graph ``name`` (as hashed when the export was loaded)."""
+        return self._files[self.manifest["graphs"][name]["file"]]
+
     def session(self, name: str) -> ort.InferenceSession:
         if name not in self._sessions:
-            path = self.folder / self.manifest["graphs"][name]["file"]
-            self._sessions[name] = ort.InferenceSession(str(path), self._options,
+            self._sessions[name] = ort.InferenceSession(self.graph_bytes(name), self._options,
                                                         providers=["CPUExecutionProvider"])
             self._inputs[name] = [(spec.name, np.dtype(_ORT_DTYPES.get(spec.type, np.float32)))
                                   for spec in self._sessions[name].get_inputs()]
@@ -195,7 +163,7 @@ class ExportedModel:
 
     # ----- adaptation ---------------------------------------------------------------------------
     def adapt(self, images, labels, steps: int | None = None, lr: float | None = None,
-              head_only: bool = False) -> PersonalModel:
+              head_only: bool = False, keep_best: bool = True) -> PersonalModel:
         """Personalises the model to a support set.
 
         Args:
@@ -206,7 +174,10 @@ class ExportedModel:
           steps: SGD steps (None: the manifest's ``default_steps``; 0 keeps the initial head).
           lr: one inner learning rate for every parameter (None: the exported rates).
           head_only: adapt only the head (``head_step`` graph): faster, usually less accurate.
-        Returns a PersonalModel; its ``status`` says whether adaptation stopped early.
+          keep_best: keep the step with the lowest support loss (``mmtl_tf.best_step``); False
+            keeps the last finite step, as meta-training's evaluation does (for parity checks).
+        Returns a PersonalModel; its ``status`` says when it is not the last step's (warned as
+        an AdaptationWarning too).
         """
         steps = self.default_steps if steps is None else steps
         if not isinstance(steps, (int, np.integer)) or steps < 0:
@@ -226,7 +197,7 @@ class ExportedModel:
         heads = ["new_head_w", "new_head_b"] if "new_head_w" in outputs else ["head_w", "head_b"]
         params["head_w"], params["head_b"] = self.run(
             name, heads, {**self._support(name, x, y, len(class_names)), **params})
-        return self._adapt_loop(x, y, class_names, params, lrs, steps, head_only)
+        return self._adapt_loop(x, y, class_names, params, lrs, steps, head_only, keep_best)
 
     def adapt_folder(self, folder, **kwargs) -> PersonalModel:
         """``adapt`` on ``folder/<class name>/<images>``."""
@@ -243,27 +214,50 @@ class ExportedModel:
             return {"lr_" + n: np.asarray(v[min(step, len(v) - 1)], np.float32) for n, v in lrs.items()}
         return {"lr_" + n: v for n, v in lrs.items()}
 
-    def _adapt_loop(self, x, y, class_names, params, lrs, steps, head_only) -> PersonalModel:
-        """Chains the SGD steps; a non-finite loss at step k keeps the parameters of step k-1.
-
-        ``support_losses[k]`` is the support loss after k steps; the last one comes from a
-        forward pass at the final parameters.
-        """
+    def _adapt_loop(self, x, y, class_names, params, lrs, steps, head_only, keep_best):
+        """Chains the SGD steps, stopping at a non-finite support loss, and keeps the
+        parameters ``best_step.kept_step`` picks. ``support_losses[k]`` is the support loss
+        after k steps; the last one comes from a forward pass at the final parameters."""
         stem = "head_step" if head_only else "adapt_step"
         support = self._support(self.graph(stem, len(y)), x, y, len(class_names))
-        losses, previous, step = [], None, 0
+        losses, kept = [], None
+        for loss, at in self._chain(support, params, lrs, steps, head_only):
+            bn = None
+            if loss is None:  # the final parameters
+                bn, loss = self._final_state(x, y, class_names, at)
+            losses.append(float(loss))
+            if best_step.kept_step(losses, keep_best) == len(losses) - 1:
+                kept = (at, bn)
+            if not np.isfinite(loss):
+                break
+        step = best_step.kept_step(losses, keep_best)
+        if step < 0:
+            raise AdaptationError(f"the support loss is {losses[0]} even before adaptation; the "
+                                  "export or the support images are broken")
+        status = best_step.status(losses, step)
+        if status != "ok":
+            warnings.warn(status, AdaptationWarning, stacklevel=3)
+        params, bn = kept
+        if bn is None:  # not the final parameters: their support statistics
+            bn, _ = self._support_state(x, y, len(class_names), params)
+        return PersonalModel(self, list(class_names), params, bn, step, losses, status)
+
+    def _chain(self, support, params, lrs, steps: int, head_only: bool):
+        """Yields (support loss, the parameters it is the loss of) after 0 .. steps-1 steps,
+        then (None, the final parameters)."""
+        step = 0
         while step < steps:
             for loss, update in self._next_steps(support, params, lrs, step, steps, head_only):
-                losses.append(float(loss))
-                if not np.isfinite(loss):
-                    return self._stopped(x, y, class_names, previous, step, losses)
-                previous, params, step = params, {**params, **update}, step + 1
+                yield loss, params
+                params, step = {**params, **update}, step + 1
+        yield None, params
+
+    def _final_state(self, x, y, class_names, params):
+        """(support batch-norm statistics, support loss) at the final parameters."""
         bn, loss = self._support_state(x, y, len(class_names), params)
-        personal = PersonalModel(self, list(class_names), params, bn, steps, list(losses), "ok")
-        personal.support_losses.append(personal.support_loss(x, y) if loss is None else loss)
-        if not np.isfinite(personal.support_losses[-1]):
-            return self._stopped(x, y, class_names, previous, steps, personal.support_losses)
-        return personal
+        if loss is None:  # transductive, or an export without support logits
+            loss = PersonalModel(self, list(class_names), params, bn, 0, [], "").support_loss(x, y)
+        return bn, loss
 
     def _next_steps(self, support, params, lrs, step: int, steps: int, head_only: bool):
         """Runs step ``step`` (and step + 1 when one graph does both): [(support loss before
@@ -291,20 +285,6 @@ class ExportedModel:
             {**support, **params, **self._step_lrs(lrs, step), **next_lrs})
         return [(loss, {"head_w": head_w, "head_b": head_b}),
                 (next_loss, dict(zip(self.param_names, new)))]
-
-    def _stopped(self, x, y, class_names, previous, step, losses) -> PersonalModel:
-        if previous is None:
-            raise AdaptationError(f"the support loss is {losses[-1]} even before adaptation; the "
-                                  "export or the support images are broken")
-        status = (f"stopped: the support loss became non-finite ({losses[-1]}) after step "
-                  f"{step}; kept the parameters after step {step - 1}; use a smaller lr or fewer "
-                  "steps")
-        warnings.warn(status, AdaptationWarning, stacklevel=4)
-        return self._personal(x, y, class_names, previous, step - 1, losses, status)
-
-    def _personal(self, x, y, class_names, params, steps_run, losses, status="ok") -> PersonalModel:
-        bn, _ = self._support_state(x, y, len(class_names), params)
-        return PersonalModel(self, list(class_names), params, bn, steps_run, list(losses), status)
 
     def _support_state(self, x, y, ways: int, params):
         """(support batch-norm statistics, support loss at ``params``) of a non-transductive
