@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mmtl_tf import best_step
+from mmtl_tf.meta.algorithms import rate_step  # TensorFlow-free: the one per-step rate rule
 from mmtl_tf.best_step import AdaptationWarning  # noqa: F401  (part of this module's API)
 from mmtl_tf.ondevice import images as image_io
 from mmtl_tf.ondevice import support as support_set
@@ -211,7 +212,7 @@ class ExportedModel:
     def _step_lrs(self, lrs, step: int) -> dict:
         """Learning-rate feeds of one step; MAML++ ships a rate per step (the last one after)."""
         if self.manifest.get("learned_inner_lr") == "per_layer_per_step":
-            return {"lr_" + n: np.asarray(v[min(step, len(v) - 1)], np.float32) for n, v in lrs.items()}
+            return {"lr_" + n: np.asarray(v[rate_step(step, len(v))], np.float32) for n, v in lrs.items()}
         return {"lr_" + n: v for n, v in lrs.items()}
 
     def _adapt_loop(self, x, y, class_names, params, lrs, steps, head_only, keep_best):
