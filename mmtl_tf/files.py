@@ -33,26 +33,13 @@ def atomic_write(path, write, mode: int = 0o644) -> Path:
     data). They are set before the rename, so the file is never visible with other ones,
     whatever the mode of a file it replaces.
     """
-
-    def save(tmp):
-        with open(tmp, "wb") as f:
-            write(f)
-
-    return atomic_save(path, save, mode)
-
-
-def atomic_save(path, save, mode: int = 0o644) -> Path:
-    """``atomic_write`` for writers that take a file name (Keras' ``save_weights``): calls
-    ``save(temporary path)``, a name beside ``path`` that ends as ``path`` does, then syncs the
-    file, sets ``mode`` and renames it over ``path``; on any failure ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes),
-                               dir=path.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        save(tmp)
-        with open(tmp, "rb") as f:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)  # mkstemp creates 0600
         os.replace(tmp, path)

@@ -151,4 +151,4 @@ def test_the_device_runtime_scores_the_fixed_episodes_as_tensorflow_does(trained
     # logits agree to ~1e-6, so at most a near-tie query may flip
     assert abs(device["accuracy"] - report["accuracy"]) <= 1.0 / queries
     assert device["accuracy"] > 1.5 / report["ways"]  # an adapted model, not the zero head
-    assert json.loads((run / "eval_5w1s3q_seed2024_n24_device.json").read_text()) == report
+    assert json.loads((run / "eval_test_5w1s3q_seed2024_n24_device.json").read_text()) == report

@@ -132,8 +132,8 @@ def test_truncated_and_foreign_checkpoints_are_refused_naming_the_file(tmp_path)
         checkpoints.restore(learner, truncated)
     wider = build_learner(preset("tiny").replace(model={"filters": 16}))
     with pytest.raises(checkpoints.CheckpointError, match=r"does not match this configuration: "
-                       r"26 model variables where it has 26, number \d+ of shape \(3, 3, 1, 8\) "
-                       r"where it needs \(3, 3, 1, 16\).*another architecture"):
+                       r"26 model variables where it has 26, number 0 of shape \(32, 20\) "
+                       r"where it needs \(64, 20\).*another architecture"):
         checkpoints.restore(wider, path)
 
 
