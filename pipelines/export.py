@@ -8,7 +8,7 @@ import argparse
 import json
 import tempfile
 
-from mmtl_tf.export.exporter import export, rebuild_run
+from mmtl_tf import cli
 
 
 def main(argv=None):
@@ -23,7 +23,12 @@ def main(argv=None):
     parser.add_argument("--checkpoint", default="best", choices=["best", "latest"],
                         help="the run's state with the best validation accuracy, or its last")
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--verbose", action="store_true",
+                        help="TensorFlow's start-up messages and full tracebacks")
     args = parser.parse_args(argv)
+    cli.quiet_tensorflow(args.verbose)
+    from mmtl_tf.export.exporter import export, rebuild_run
+
     with tempfile.TemporaryDirectory() as scratch:
         workdir = args.workdir or rebuild_run(args.from_export, f"{scratch}/run")
         checkpoint = args.checkpoint if args.workdir else "best"  # a rebuilt run has one state
@@ -33,4 +38,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
