@@ -170,6 +170,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
                     " .[]") + f" -- last good checkpoint kept in {checkpoints.folder(workdir)}") from None
             raise
     step = int(learner.optimizer.iterations)
+    log.write_curves()  # with the last period's row, which follows the last checkpoint
     if signals.received is not None:
         name = {2: "SIGINT", 15: "SIGTERM"}.get(signals.received, f"signal {signals.received}")
         raise TrainingInterrupted(f"{name}: stopped after meta-step {step} of {t.steps}; "
