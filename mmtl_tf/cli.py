@@ -6,6 +6,7 @@ Standard library only: a pipeline calls ``quiet_tensorflow`` before anything imp
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -47,3 +48,11 @@ def run(main, argv=None) -> None:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(message if signum else f"error: {message}", file=sys.stderr)
         sys.exit(128 + signum if signum else 2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (an unknown choice, a missing flag) are one line, exit
+    status 2, like the user errors ``run`` prints."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")

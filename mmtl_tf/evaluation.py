@@ -1,11 +1,87 @@
-"""Evaluation on a fixed set of episodes: mean query accuracy with a 95% confidence interval."""
+"""Evaluation on fixed sets of episodes: query accuracy after every adaptation step, means with a
+95% confidence interval, and the same episodes scored through the device runtime."""
 
 from __future__ import annotations
+
+import typing
 
 import numpy as np
 import tensorflow as tf
 
 from mmtl_tf.data.episodes import Episode
+from mmtl_tf.meta import inner_loop as il
+
+
+class Setting(typing.NamedTuple):
+    """One evaluation task shape: N-way K-shot with Q queries per class; ``within_alphabet``
+    draws all N classes of an episode from one alphabet (harder: similar characters)."""
+
+    ways: int
+    shots: int
+    queries: int
+    within_alphabet: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.ways}-way {self.shots}-shot" + (", one alphabet" if self.within_alphabet else "")
+
+    @property
+    def tag(self) -> str:
+        """A file-name fragment: ``20w1s5q_alphabet``."""
+        return f"{self.ways}w{self.shots}s{self.queries}q" + ("_alphabet" if self.within_alphabet else "")
+
+
+# The anchors' Omniglot table (MAML, Proto-MAML, MAML++ papers): 5-way and 20-way, 1 and 5 shots,
+# and 20-way within one alphabet. 15 queries per class at 5 ways; 5 at 20 ways, where 20
+# drawings per character leave 20 - K, and 100 queries already bound the CI.
+ANCHOR_SETTINGS = (Setting(5, 1, 15), Setting(5, 5, 15), Setting(20, 1, 5), Setting(20, 5, 5),
+                   Setting(20, 1, 5, within_alphabet=True))
+
+
+def accuracy_curve(learner, episodes: Episode, steps: int, batch: int = 16) -> dict:
+    """Query accuracy and loss after 0, 1, ..., ``steps`` adaptation steps, each episode adapted
+    once (the inner loop gives the query outputs after every step; step 0 is the starting head).
+
+    ``episodes``: numpy, leading episode axis. Returns {"accuracy": (episodes, steps + 1),
+    "loss": (episodes, steps + 1)} float64 arrays. Episodes run ``batch`` at a time through
+    ``tf.map_fn`` in one traced function (the leading axis is left unknown: no retrace).
+    """
+    ways = int(episodes.class_ids.shape[-1])
+    meta_params = [tf.convert_to_tensor(p) for p in learner.meta_params]
+    rates = learner.learning_rates(ways)
+
+    def one(episode):
+        support_x, support_y, query_x, query_y = episode
+        adapted = il.adapt(learner.loop, meta_params, support_x, support_y, ways, steps, rates,
+                           first_order=True, query_x=query_x)
+        outputs = [il.query_logits(learner.loop, adapted.start, support_x, query_x),
+                   *adapted.query_outputs]  # (steps + 1) x (N*Q, N)
+        correct = [tf.equal(tf.argmax(o, -1, output_type=tf.int32), query_y) for o in outputs]
+        return (tf.reduce_sum(tf.cast(tf.stack(correct), tf.int32), axis=1),
+                tf.stack([tf.cast(learner.loop.loss(o, query_y), tf.float32) for o in outputs]))
+
+    fields = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
+    signature = [tf.TensorSpec([None, *f.shape[1:]], tf.as_dtype(f.dtype)) for f in fields]
+    run = tf.function(lambda *f: tf.map_fn(
+        one, f, fn_output_signature=(tf.TensorSpec([steps + 1], tf.int32),
+                                     tf.TensorSpec([steps + 1], tf.float32)),
+        parallel_iterations=learner.config.parallel_iterations), input_signature=signature)
+    correct, loss = [], []
+    for start in range(0, len(episodes.support_x), batch):
+        c, l = run(*(f[start:start + batch] for f in fields))
+        correct.append(c.numpy())
+        loss.append(l.numpy())
+    # correct / queries in float64: the same numbers as numpy's mean of the device's hits
+    return {"accuracy": np.concatenate(correct) / episodes.query_y.shape[1],
+            "loss": np.concatenate(loss).astype(np.float64)}
+
+
+def predicted_labels(learner, episode: Episode, steps: int) -> np.ndarray:
+    """Predicted query labels (N*Q,) of one episode (no episode axis) after ``steps`` steps."""
+    ways = int(episode.class_ids.shape[-1])
+    params = learner.adapt(episode.support_x, episode.support_y, ways, steps)
+    logits = learner.predict_adapted(params, episode.query_x, episode.support_x)
+    return np.argmax(np.asarray(logits), axis=-1)
 
 
 def evaluate_episodes(learner, episodes: Episode, steps: int | None = None,
@@ -39,14 +115,11 @@ def mean_and_ci95(values) -> tuple[float, float]:
     return float(values.mean()), float(ci)
 
 
-def evaluate_export(folder, episodes: Episode, steps: int) -> dict:
-    """Scores an export folder through the device runtime (onnxruntime, the exported
-    adaptation graphs) on the same episodes: accuracy with its 95% confidence interval. Every
-    episode keeps its last step's weights, as ``evaluate_episodes`` does (not the best step a
-    user's ``adapt`` keeps), so the two scores are comparable."""
-    from mmtl_tf import ondevice
-
-    model = ondevice.load(folder)
+def device_accuracies(model, episodes: Episode, steps: int) -> np.ndarray:
+    """Query accuracy (episodes,) of an export through the device runtime (``model``: an
+    ``ondevice.ExportedModel``; onnxruntime runs the exported adaptation graphs). Every episode
+    keeps its last step's weights, as ``evaluate_episodes`` does (not the best step a user's
+    ``adapt`` keeps), so the two scores are comparable."""
     accuracies = []
     for e in range(len(episodes.support_x)):
         personal = model.adapt(list(episodes.support_x[e]), episodes.support_y[e].tolist(),
@@ -54,7 +127,4 @@ def evaluate_export(folder, episodes: Episode, steps: int) -> dict:
         predicted = personal.logits(episodes.query_x[e]).argmax(axis=1)
         labels = np.asarray(personal.class_names)[predicted]  # class names are the int labels
         accuracies.append(float(np.mean(labels == episodes.query_y[e])))
-    accuracy, ci = mean_and_ci95(accuracies)
-    return {"runtime": "mmtl_tf.ondevice (onnxruntime)", "export": str(folder),
-            "inner_steps": steps, "episodes": len(accuracies), "accuracy": accuracy,
-            "accuracy_ci95": ci}
+    return np.asarray(accuracies)

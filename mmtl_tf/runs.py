@@ -1,4 +1,4 @@
-"""A training run folder scored on fixed episodes: what pipelines/evaluate.py calls.
+"""The evaluation report of a training run or an export folder: what pipelines/evaluate.py calls.
 
 It sits above ``training`` (which rebuilds the learner of a run) and ``evaluation`` (which
 scores episodes), so neither of those reaches up to the other.
@@ -6,44 +6,178 @@ scores episodes), so neither of those reaches up to the other.
 
 from __future__ import annotations
 
+import json
+import time
+import typing
 from pathlib import Path
 
-from mmtl_tf.data.episode_files import draw_episodes, load_episodes, save_episodes
-from mmtl_tf.evaluation import evaluate_episodes, evaluate_export
-from mmtl_tf.training import episode_sampler, load_learner, protocol_of, scored_on, write_json
+import numpy as np
+
+from mmtl_tf.config import ExperimentConfig
+from mmtl_tf.data.episode_files import fixed_episodes
+from mmtl_tf.evaluation import (ANCHOR_SETTINGS, Setting, accuracy_curve, device_accuracies,
+                                mean_and_ci95, predicted_labels)
+from mmtl_tf.checkpoints import FOLDER
+from mmtl_tf.training import PARTS, episode_sampler, load_learner, protocol_of, scored_on
+
+CURVE_STEPS = 20
 
 
-def evaluate_run(workdir, ways: int | None = None, shots: int | None = None,
-                 queries: int | None = None, episodes: int = 600, seed: int = 2024,
-                 steps: int | None = None, export=None, part: str = "test") -> dict:
-    """Evaluates a training run on fixed episodes of one part of its protocol: "test" (the
-    final score) or "validation" (the held-out training alphabets, where choices are made).
+class Model(typing.NamedTuple):
+    learner: typing.Any  # MetaLearner
+    config: ExperimentConfig
+    export: Path | None  # the export folder, when the model came from one
 
-    The episodes are drawn once per (part, ways, shots, queries, seed) and kept in
-    ``<workdir>/episodes/`` so that every later evaluation scores exactly the same tasks.
-    ``export``: an export folder of the run, also scored on those episodes by the device
-    runtime (reported under "device").
+
+def load_model(path, checkpoint: str = "best") -> Model:
+    """The learner of a training run (config.json, checkpoints/: its "best" or "latest" state)
+    or of an export folder (manifest.json, config.json, model.keras: the Keras model the
+    export was made from)."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        import keras
+
+        import mmtl_tf.meta.learner  # noqa: F401  (registers the classes model.keras names)
+        import mmtl_tf.models.conv4  # noqa: F401
+
+        missing = [n for n in ("config.json", "model.keras") if not (path / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"the export folder {path} lacks {', '.join(missing)}; "
+                                    "export the run again with pipelines/export.py")
+        config = ExperimentConfig.from_dict(json.loads((path / "config.json").read_text()))
+        return Model(keras.saving.load_model(path / "model.keras"), config, path)
+    if not (path / "config.json").is_file() or not (path / FOLDER).is_dir():
+        raise FileNotFoundError(
+            f"{path} is neither a training run (config.json and {FOLDER}/) nor an export "
+            "folder (manifest.json); give a --workdir written by pipelines/train.py or "
+            "pipelines/export.py")
+    learner, config = load_learner(path, checkpoint)
+    return Model(learner, config, None)
+
+
+def evaluate_run(workdir, out=None, part: str = "test", settings=None, queries: int | None = None,
+                 episodes: int = 600, seed: int = 2024, steps: int | None = None,
+                 curve_steps: int = CURVE_STEPS, export=None, checkpoint: str = "best",
+                 command: str | None = None, log=None) -> dict:
+    """Scores a run or an export folder on fixed episodes of one part of its protocol and
+    writes the report (``reports.write_report``) to ``out``.
+
+    Args:
+      workdir: a training run folder or an export folder.
+      out: the report folder (default ``<workdir>/evaluation/<part>``; required for an export,
+        whose files its manifest hashes). Episodes are kept in ``<out>/episodes/``.
+      part: "test" (the evaluation characters: the final score) or "validation".
+      settings: Settings to score (None: ``ANCHOR_SETTINGS``); a None field of a setting takes
+        the run's value. ``queries`` overrides every setting's queries per class.
+      steps: adaptation steps of the table (None: the model's ``eval_inner_steps``).
+      curve_steps: the accuracy curve runs from 0 to max(curve_steps, steps) steps.
+      export: an export folder of the run, also scored through the device runtime (an export
+        ``workdir`` always is).
+      checkpoint: a run's "best" (validation) or "latest" state.
+      log: called with a line of progress per setting.
+    Returns the report (also written as evaluation.json).
     """
-    learner, config = load_learner(workdir)
-    d = config.data
-    ways, shots, queries = ways or d.ways, shots or d.shots, queries or d.queries
-    config = config.replace(data={"ways": ways, "shots": shots, "queries": queries})
-    if config.data.family == "omniglot" and ways > learner.config.max_ways:
-        raise ValueError(f"ways={ways} exceeds the model's max_ways={learner.config.max_ways}")
-    tag = f"{ways}w{shots}s{queries}q_seed{seed}_n{episodes}"
-    path = Path(workdir) / "episodes" / f"{part}_{tag}.npz"
-    if path.is_file():
-        fixed, _ = load_episodes(path)
-    else:
-        fixed = draw_episodes(episode_sampler(config, part), seed, episodes)
-        save_episodes(path, fixed, {"part": part, "ways": ways, "shots": shots,
-                                    "queries": queries, "seed": seed})
-    report = {"protocol": protocol_of(config), "part": part, "scored_on": scored_on(config, part),
-              "ways": ways, "shots": shots, "queries": queries, "seed": seed,
-              **evaluate_episodes(learner, fixed, steps)}
-    if export is not None:
-        report["device"] = evaluate_export(export, fixed, report["inner_steps"])
-        tag += "_device"
-    write_json(Path(workdir) / f"eval_{part}_{tag}.json", report)
+    from mmtl_tf import reports
+
+    started = time.perf_counter()
+    if part not in PARTS[1:]:
+        raise ValueError(f"part={part!r} is unknown; choose 'test' or 'validation'")
+    model = load_model(workdir, checkpoint)
+    learner, config = model.learner, model.config
+    if config.data.family != "omniglot":
+        raise ValueError(f"{workdir} is a {config.data.family} regression run; the evaluation "
+                         "report scores image classification (its validation loss is in "
+                         "metrics.json)")
+    if model.export is not None and out is None:
+        raise ValueError(f"{workdir} is an export folder, whose files its manifest hashes; give "
+                         "--out, a folder for the report")
+    out = Path(out) if out is not None else Path(workdir) / "evaluation" / part
+    steps = steps or learner.config.eval_inner_steps
+    if steps < 1 or curve_steps < 0:
+        raise ValueError(f"steps={steps} must be >= 1 (curve_steps={curve_steps} >= 0)")
+    chosen = _settings(settings, queries, config, learner.config.max_ways)
+    device = _device_model(export if export is not None else model.export)
+    batch_norm = ("transductive (query batch statistics)" if learner.config.transductive
+                  else "support statistics")
+    rows, pictured = [], None
+    for setting in chosen:
+        clock = time.perf_counter()
+        data = config.replace(data={"ways": setting.ways, "shots": setting.shots,
+                                    "queries": setting.queries,
+                                    "within_alphabet": setting.within_alphabet})
+        file = out / "episodes" / f"{part}_{setting.tag}_seed{seed}_n{episodes}.npz"
+        fixed = fixed_episodes(file, episode_sampler(data, part), seed, episodes)
+        row = _score(learner, fixed, setting, steps, max(curve_steps, steps), device)
+        row.update(batch_norm=batch_norm, episode_file=str(file.relative_to(out)),
+                   seconds=round(time.perf_counter() - clock, 1))
+        rows.append(row)
+        if pictured is None:
+            first = type(fixed)(*(f[0] for f in fixed))
+            pictured = (setting, first, predicted_labels(learner, first, steps))
+        if log:
+            log(f"{setting.name}: {row['accuracy']:.1%} ± {row['accuracy_ci95']:.1%} after "
+                f"{steps} steps over {episodes} episodes ({row['seconds']:.0f} s)")
+    report = {"model": str(workdir), "kind": "export" if model.export else f"run ({checkpoint} checkpoint)",
+              "name": config.name, "protocol": protocol_of(config), "part": part,
+              "scored_on": scored_on(config, part), "seed": seed, "episodes": episodes,
+              "inner_steps": steps, "curve_steps": max(curve_steps, steps),
+              "batch_norm": batch_norm, "algorithm": learner.config.algorithm,
+              "device": None if device is None else {
+                  "runtime": "mmtl_tf.ondevice (onnxruntime)", "export": str(device.folder)},
+              "command": command, "out": str(out), "settings": rows,
+              "seconds": round(time.perf_counter() - started, 1)}
+    report["files"] = reports.write_report(out, report, *pictured)
     return report
 
+
+def _settings(settings, queries, config, max_ways: int) -> list[Setting]:
+    """The settings to score, None fields taken from the run; a setting beyond the model's
+    max_ways is refused (an explicit one) or left out (the default table)."""
+    d = config.data
+    chosen = []
+    for s in settings or ANCHOR_SETTINGS:
+        s = Setting(s.ways or d.ways, s.shots or d.shots, queries or s.queries or d.queries,
+                    bool(s.within_alphabet))
+        if s.ways > max_ways:
+            if settings:
+                raise ValueError(f"ways={s.ways} exceeds the model's max_ways={max_ways}; choose "
+                                 f"--ways <= {max_ways}")
+            continue
+        chosen.append(s)
+    return chosen
+
+
+def _device_model(folder):
+    if folder is None:
+        return None
+    from mmtl_tf import ondevice
+
+    return ondevice.load(folder)
+
+
+def _score(learner, fixed, setting: Setting, steps: int, curve_steps: int, device) -> dict:
+    """One row of the report: accuracy and loss after ``steps`` steps with their 95% CI, the
+    curve from 0 to ``curve_steps`` steps (one adaptation per episode) and the device's score."""
+    curve = accuracy_curve(learner, fixed, curve_steps)
+    accuracy, loss = curve["accuracy"], curve["loss"]
+    row = {"setting": setting.name, **setting._asdict(), "episodes": len(accuracy),
+           "inner_steps": steps}
+    row["accuracy"], row["accuracy_ci95"] = mean_and_ci95(accuracy[:, steps])
+    row["loss"], row["loss_ci95"] = mean_and_ci95(loss[:, steps])
+    means = [mean_and_ci95(accuracy[:, k]) for k in range(curve_steps + 1)]
+    row["curve"] = {"steps": list(range(curve_steps + 1)), "accuracy": [m for m, _ in means],
+                    "accuracy_ci95": [c for _, c in means]}
+    if device is None:
+        return row
+    if setting.ways > device.max_ways or setting.shots > device.max_shots:
+        row["device"] = {"skipped": f"the export takes at most {device.max_ways} ways and "
+                                    f"{device.max_shots} shots"}
+        return row
+    clock = time.perf_counter()
+    on_device = device_accuracies(device, fixed, steps)
+    mean, ci = mean_and_ci95(on_device)
+    row["device"] = {"accuracy": mean, "accuracy_ci95": ci, "inner_steps": steps,
+                     "seconds": round(time.perf_counter() - clock, 1),
+                     "episodes_differing": int(np.sum(on_device != accuracy[:, steps])),
+                     "largest_episode_difference": float(np.abs(on_device - accuracy[:, steps]).max())}
+    return row

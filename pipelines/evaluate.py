@@ -1,32 +1,58 @@
-"""Evaluate a training run on fixed test episodes:
-python pipelines/evaluate.py --workdir runs/omniglot-5w1s [--ways 5 --shots 1 --episodes 600]
-      [--export exported/omniglot-5w1s]   # also score the export through the device runtime"""
+"""Score a training run or an export folder on the evaluation protocol and write the report
+(evaluation.json, evaluation.md, curves.png, episode.png):
+python pipelines/evaluate.py --workdir runs/omniglot-5w1s           # the five-task table
+python pipelines/evaluate.py --workdir exported/omniglot-5w1s --out reports/omniglot-5w1s
+python pipelines/evaluate.py --workdir runs/omniglot-5w1s --ways 20 --shots 1 --steps 10"""
 
 import argparse
-import json
+import shlex
+import sys
 
-from mmtl_tf.runs import evaluate_run
+from mmtl_tf import cli
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--ways", type=int, help="N (default: the run's)")
-    parser.add_argument("--shots", type=int, help="K (default: the run's)")
-    parser.add_argument("--queries", type=int, help="queries per class (default: the run's)")
-    parser.add_argument("--episodes", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=2024, help="fixes the test episodes")
+    parser = cli.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True,
+                        help="a training run (pipelines/train.py) or an export folder (export.py)")
+    parser.add_argument("--out", help="report folder (default <workdir>/evaluation/<part>; "
+                        "required for an export folder)")
     parser.add_argument("--part", default="test", choices=["test", "validation"],
                         help="test characters (the final score) or the validation alphabets "
                         "(where steps, rates and checkpoints are chosen)")
-    parser.add_argument("--steps", type=int, help="inner steps (default: the run's eval_inner_steps)")
+    parser.add_argument("--ways", type=int, help="score this N only (default: the five-task table)")
+    parser.add_argument("--shots", type=int, help="score this K only (default: the five-task table)")
+    parser.add_argument("--within-alphabet", action="store_true",
+                        help="with --ways/--shots: all classes of an episode from one alphabet")
+    parser.add_argument("--queries", type=int, help="queries per class (default: 15 at 5 ways, "
+                        "5 at 20 ways; the run's with --ways/--shots)")
+    parser.add_argument("--episodes", type=int, default=600, help="fixed episodes per task")
+    parser.add_argument("--seed", type=int, default=2024, help="fixes the episodes")
+    parser.add_argument("--steps", type=int, help="adaptation steps of the table (default: the "
+                        "model's eval_inner_steps)")
+    parser.add_argument("--curve-steps", type=int, default=20,
+                        help="the accuracy curve runs from 0 to this many steps")
     parser.add_argument("--export", help="an export folder of this run: also score it on the same "
                         "episodes through the device runtime (onnxruntime)")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "latest"],
+                        help="a run's state with the best validation accuracy, or its last")
+    parser.add_argument("--verbose", action="store_true",
+                        help="TensorFlow's start-up messages and full tracebacks")
     args = parser.parse_args(argv)
-    report = evaluate_run(args.workdir, args.ways, args.shots, args.queries, args.episodes,
-                          args.seed, args.steps, args.export, args.part)
-    print(json.dumps(report, indent=2))
+    cli.quiet_tensorflow(args.verbose)
+    from mmtl_tf.evaluation import Setting
+    from mmtl_tf.runs import evaluate_run
+
+    one = args.ways or args.shots or args.within_alphabet
+    settings = [Setting(args.ways, args.shots, args.queries, args.within_alphabet)] if one else None
+    command = shlex.join(["python", "pipelines/evaluate.py",
+                          *(sys.argv[1:] if argv is None else argv)])
+    report = evaluate_run(args.workdir, args.out, args.part, settings, args.queries,
+                          args.episodes, args.seed, args.steps, args.curve_steps, args.export,
+                          args.checkpoint, command, log=lambda line: print(line, flush=True))
+    print(f"\nwrote {', '.join(report['files'])} to {report['out']} in {report['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

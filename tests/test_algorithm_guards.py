@@ -139,6 +139,7 @@ def test_an_overflowing_loss_scale_is_lowered_instead_of_stopping_training():
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_a_tiny_run_of_every_algorithm_trains_and_evaluates(tmp_path, algorithm):
     from mmtl_tf.config import preset
+    from mmtl_tf.evaluation import Setting
     from mmtl_tf.runs import evaluate_run
     from mmtl_tf.training import train
 
@@ -146,10 +147,12 @@ def test_a_tiny_run_of_every_algorithm_trains_and_evaluates(tmp_path, algorithm)
                                     train={"steps": 2, "eval_episodes": 4, "log_every": 2})
     metrics = train(config, tmp_path / algorithm)
     assert metrics["part"] == "validation" and metrics["episodes"] == 4
-    report = evaluate_run(tmp_path / algorithm, episodes=6, seed=11)
-    assert report["part"] == "test" and report["episodes"] == 6
-    assert report["inner_steps"] == config.meta.eval_inner_steps
-    assert report["loss"] > 0 and np.isfinite(report["loss"])
+    report = evaluate_run(tmp_path / algorithm, settings=[Setting(None, None, None)], episodes=6,
+                          seed=11, curve_steps=0)  # the run's own task, no curve past its steps
+    (row,) = report["settings"]
+    assert report["part"] == "test" and row["episodes"] == 6
+    assert row["inner_steps"] == config.meta.eval_inner_steps
+    assert row["loss"] > 0 and np.isfinite(row["loss"])
 
 
 # ----- validation: choices are made on held-out training alphabets, never on test characters ----

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from mmtl_tf.data.class_images import ClassImages
-from mmtl_tf.data.episode_files import draw_episodes, load_episodes, save_episodes
+from mmtl_tf.data.episode_files import (draw_episodes, draw_indices, fixed_episodes,
+                                        load_indices)
 from mmtl_tf.data.episodes import EpisodeSampler, episode_dataset
 from mmtl_tf.data.sinusoid import SinusoidSampler
 
@@ -131,18 +132,33 @@ def test_uneven_class_sizes_never_draw_a_missing_image():
         assert np.all(index < np.vectorize(count_of.get)(cls))
 
 
-def test_fixed_episodes_round_trip_bit_identically(tmp_path):
-    sampler = EpisodeSampler(_coded_classes(), 5, 3, 7)
-    episodes = draw_episodes(sampler, seed=21, num_episodes=75)
-    assert episodes.support_x.shape == (75, 15, 8, 8, 1)
-    path = save_episodes(tmp_path / "eval" / "episodes.npz", episodes, {"ways": 5, "seed": 21})
-    loaded, metadata = load_episodes(path)
-    assert metadata == {"ways": 5, "seed": 21}
-    for a, b in zip(episodes, loaded):
-        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
-    again = draw_episodes(sampler, seed=21, num_episodes=75)
-    assert all(a.tobytes() == b.tobytes() for a, b in zip(episodes, again))
-    assert not list(tmp_path.glob("eval/*.tmp")), "no temporary file is left behind"
+@pytest.mark.parametrize("rotations", [False, True])
+def test_fixed_episodes_are_kept_as_indices_and_read_back_bit_identically(tmp_path, rotations):
+    sampler = EpisodeSampler(_coded_classes(), 5, 3, 7, rotations=rotations)
+    drawn = draw_episodes(sampler, seed=21, num_episodes=75)  # two blocks, the second partial
+    path = tmp_path / "eval" / "episodes.npz"
+    first = fixed_episodes(path, sampler, seed=21, num_episodes=75)
+    again = fixed_episodes(path, sampler, seed=21, num_episodes=75)  # read from the file
+    for a, b, c in zip(drawn, first, again):
+        assert a.dtype == b.dtype == c.dtype and a.tobytes() == b.tobytes() == c.tobytes()
+    indices, metadata = load_indices(path)
+    assert metadata["seed"] == 21 and metadata["episodes"] == 75 and metadata["rotations"] is rotations
+    assert all(np.array_equal(a, b) for a, b in zip(indices, draw_indices(sampler, 21, 75)))
+    images = 75 * 5 * (3 + 7)
+    assert path.stat().st_size < 3 * images + 1_000, "a row (uint16) and a label (uint8) per image"
+    assert path.stat().st_size * 50 < sum(a.nbytes for a in drawn)
+    assert not list(tmp_path.glob("eval/.*")), "no temporary file is left behind"
+
+
+def test_a_fixed_episode_file_is_refused_when_its_images_or_shape_changed(tmp_path):
+    path = tmp_path / "episodes.npz"
+    fixed_episodes(path, EpisodeSampler(_coded_classes(), 5, 3, 7), seed=4, num_episodes=10)
+    changed = _coded_classes()
+    changed.images[:, 3, 3, 0] += 0.5  # another preprocessing of the same classes
+    with pytest.raises(ValueError, match="have changed since it was written"):
+        fixed_episodes(path, EpisodeSampler(changed, 5, 3, 7), seed=4, num_episodes=10)
+    with pytest.raises(ValueError, match="shots=3 instead of shots=2"):
+        fixed_episodes(path, EpisodeSampler(_coded_classes(), 5, 2, 7), seed=4, num_episodes=10)
 
 
 def test_sinusoid_episodes_follow_the_maml_paper_family():

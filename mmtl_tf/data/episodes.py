@@ -39,6 +39,25 @@ class Episode(typing.NamedTuple):
     task_params: typing.Any
 
 
+class EpisodeIndices(typing.NamedTuple):
+    """Episodes without their pixels, a leading task axis on every field: what a fixed episode
+    file keeps (``episode_files``), and what ``EpisodeSampler.gather`` turns into an Episode.
+
+      support, query: int64 (tasks, N*K), (tasks, N*Q): rows of the sampler's image table
+        (``ClassImages.images``) in episode order.
+      support_y, query_y: int32 episode labels 0..N-1 of those rows.
+      class_ids: int64 (tasks, N), as in Episode.
+      quarter_turns: int64 (tasks, N), the rotation of each class (0 without rotation classes).
+    """
+
+    support: typing.Any
+    support_y: typing.Any
+    query: typing.Any
+    query_y: typing.Any
+    class_ids: typing.Any
+    quarter_turns: typing.Any
+
+
 def check_episode_shape(classes: ClassImages, ways: int, shots: int, queries: int,
                         within_group: bool = False, rotations: bool = False) -> None:
     """Raises ValueError, naming the value and the fix, when no episode can be drawn."""
@@ -100,6 +119,10 @@ class EpisodeSampler:
 
     def sample(self, seed, block: int) -> Episode:
         """``block`` episodes with a leading task axis; ``seed`` is a shape-(2,) int tensor."""
+        return self.gather(self.sample_indices(seed, block))
+
+    def sample_indices(self, seed, block: int) -> EpisodeIndices:
+        """Where the images of ``sample(seed, block)`` lie in the image table (no pixels)."""
         seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 5)
         n, k, q = self.ways, self.shots, self.queries
         classes = self._choose_classes(seeds[0], seeds[1], block)  # (block, N) rows of the table
@@ -109,15 +132,31 @@ class EpisodeSampler:
         scores = tf.where(tf.range(self._max_count, dtype=tf.int64)[None, None] < counts[..., None],
                           scores, 2.0)
         picks = tf.math.top_k(-scores, k + q).indices  # (block, N, K+Q)
-        index = tf.gather(self._offsets, classes)[..., None] + tf.cast(picks, tf.int64)
-        images = tf.gather(self._images, index)  # (block, N, K+Q, H, W, C)
-        if self.rotations:
-            images = _rotate(images, tf.gather(self._class_ids, classes) % ROTATIONS)
+        rows = tf.gather(self._offsets, classes)[..., None] + tf.cast(picks, tf.int64)
         labels = tf.broadcast_to(tf.range(n, dtype=tf.int32)[None, :, None], [block, n, k + q])
-        support_x, support_y = _shuffled(images[:, :, :k], labels[:, :, :k], seeds[3])
-        query_x, query_y = _shuffled(images[:, :, k:], labels[:, :, k:], seeds[4])
-        return Episode(support_x, support_y, query_x, query_y,
-                       tf.gather(self._class_ids, classes), tf.zeros([block, 0], tf.float32))
+        support, support_y = _shuffled(rows[:, :, :k], labels[:, :, :k], seeds[3])
+        query, query_y = _shuffled(rows[:, :, k:], labels[:, :, k:], seeds[4])
+        class_ids = tf.gather(self._class_ids, classes)
+        turns = class_ids % ROTATIONS if self.rotations else tf.zeros_like(class_ids)
+        return EpisodeIndices(support, support_y, query, query_y, class_ids, turns)
+
+    def gather(self, indices: EpisodeIndices) -> Episode:
+        """The episodes ``indices`` describe (numpy or tensors, leading task axis): images
+        gathered from the table and turned by their class's quarter turns."""
+        support_y = tf.cast(indices.support_y, tf.int32)
+        query_y = tf.cast(indices.query_y, tf.int32)
+
+        def images(rows, labels):
+            x = tf.gather(self._images, tf.cast(rows, tf.int64))  # (block, rows, H, W, C)
+            if not self.rotations:
+                return x
+            return _rotate(x, tf.gather(tf.cast(indices.quarter_turns, tf.int64), labels,
+                                        batch_dims=1))
+
+        class_ids = tf.cast(indices.class_ids, tf.int64)
+        return Episode(images(indices.support, support_y), support_y,
+                       images(indices.query, query_y), query_y, class_ids,
+                       tf.zeros([tf.shape(class_ids)[0], 0], tf.float32))
 
     def _choose_classes(self, group_seed, class_seed, block):
         num_classes = tf.shape(self._class_ids, out_type=tf.int64)[0]
@@ -133,27 +172,25 @@ class EpisodeSampler:
 
 
 def _rotate(images, quarter_turns):
-    """Rotates images (B, N, S, H, W, C) of class (b, n) counter-clockwise by
-    quarter_turns[b, n] * 90 degrees, as ``np.rot90`` does: one gather of a pixel permutation."""
+    """Rotates images (B, R, H, W, C) counter-clockwise by quarter_turns[b, r] * 90 degrees,
+    as ``np.rot90`` does: one gather of a pixel permutation."""
     shape = tf.shape(images)
-    height, width = images.shape[3], images.shape[4]
+    height, width = images.shape[2], images.shape[3]
     if height != width:
         raise ValueError(f"rotation classes need square images, got {height}x{width}")
     grid = np.arange(height * width).reshape(height, width)
     table = tf.constant(np.stack([np.rot90(grid, k).ravel() for k in range(ROTATIONS)]))
-    flat = tf.reshape(images, tf.concat([shape[:3], [height * width], shape[5:]], 0))
-    rotated = tf.gather(flat, tf.gather(table, quarter_turns), axis=3, batch_dims=2)
+    flat = tf.reshape(images, tf.concat([shape[:2], [height * width], shape[4:]], 0))
+    rotated = tf.gather(flat, tf.gather(table, quarter_turns), axis=2, batch_dims=2)
     return tf.reshape(rotated, shape)
 
 
-def _shuffled(images, labels, seed):
-    """Flattens (B, N, S, ...) to (B, N*S, ...) and shuffles each episode's rows."""
-    block = tf.shape(images)[0]
-    rows = tf.shape(images)[1] * tf.shape(images)[2]
-    images = tf.reshape(images, tf.concat([[block, rows], tf.shape(images)[3:]], 0))
-    labels = tf.reshape(labels, [block, rows])
-    order = tf.argsort(tf.random.stateless_uniform([block, rows], seed), axis=1)
-    return tf.gather(images, order, batch_dims=1), tf.gather(labels, order, batch_dims=1)
+def _shuffled(rows, labels, seed):
+    """Flattens (B, N, S) to (B, N*S) and shuffles each episode's rows."""
+    block, count = tf.shape(rows)[0], tf.shape(rows)[1] * tf.shape(rows)[2]
+    rows, labels = tf.reshape(rows, [block, count]), tf.reshape(labels, [block, count])
+    order = tf.argsort(tf.random.stateless_uniform([block, count], seed), axis=1)
+    return tf.gather(rows, order, batch_dims=1), tf.gather(labels, order, batch_dims=1)
 
 
 def episode_dataset(sampler, seed: int, meta_batch_size: int | None = None,

@@ -1,0 +1,153 @@
+"""pipelines/evaluate.py's report: the five anchor tasks with 95% CIs, the accuracy-against-steps
+curve from one adaptation per episode, the export scored through the device runtime on the same
+episodes, fixed episodes kept as kilobyte index files, and one-line errors for bad input."""
+
+import json
+import runpy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmtl_tf import cli
+from mmtl_tf.evaluation import ANCHOR_SETTINGS, Setting
+
+REPO = Path(__file__).resolve().parents[1]
+EPISODES, QUERIES, CURVE_STEPS = 8, 3, 3  # the tiny preset adapts 2 steps (eval_inner_steps)
+
+
+@pytest.fixture(scope="module")
+def export_report(trained_export, tmp_path_factory):
+    """The default table of the trained tiny export, scored by TensorFlow (its model.keras)
+    and by the device runtime on the same 8 episodes per task."""
+    from mmtl_tf.runs import evaluate_run
+
+    out = tmp_path_factory.mktemp("report")
+    report = evaluate_run(trained_export.folder, out, queries=QUERIES, episodes=EPISODES,
+                          curve_steps=CURVE_STEPS)
+    return report, out
+
+
+def _evaluate_main():
+    return runpy.run_path(str(REPO / "pipelines" / "evaluate.py"))["main"]
+
+
+def test_the_table_has_the_five_anchor_tasks_each_with_ci_steps_and_batch_norm(export_report):
+    report, out = export_report
+    rows = report["settings"]
+    assert [r["setting"] for r in rows] == [s.name for s in ANCHOR_SETTINGS]
+    assert [r["ways"] for r in rows] == [5, 5, 20, 20, 20] and rows[-1]["within_alphabet"]
+    for row in rows:
+        assert row["episodes"] == EPISODES and row["inner_steps"] == 2
+        assert row["batch_norm"] == "support statistics"  # the fixture trains transductive=False
+        assert 0 < row["accuracy_ci95"] < 1 and 0 <= row["accuracy"] <= 1
+        assert row["curve"]["steps"] == list(range(CURVE_STEPS + 1))
+    five_way = rows[0]["accuracy"]
+    assert five_way > 1.5 / 5, "an adapted model, not the zero head"
+    table = (out / "evaluation.md").read_text()
+    assert report["protocol"] in table and "95% confidence interval" in table
+    assert "| 20-way 1-shot, one alphabet | 3 | 8 | support statistics |" in table
+    assert "accuracy, 2 steps" in table and "accuracy, 3 steps" in table
+    assert json.loads((out / "evaluation.json").read_text())["settings"] == rows
+    for name in ("curves.png", "episode.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_curve_after_k_steps_equals_adapting_k_steps_then_predicting(export_report,
+                                                                       trained_export):
+    from mmtl_tf.data.episode_files import gather_episodes, load_indices
+    from mmtl_tf.evaluation import predicted_labels
+    from mmtl_tf.runs import load_model
+    from mmtl_tf.training import episode_sampler
+
+    report, out = export_report
+    model = load_model(trained_export.folder)
+    row = report["settings"][1]  # 5-way 5-shot: 25 support images, 15 queries
+    indices, _ = load_indices(out / row["episode_file"])
+    setting = model.config.replace(data={"ways": 5, "shots": 5, "queries": QUERIES})
+    episodes = gather_episodes(episode_sampler(setting, "test"), indices)
+    curve = np.asarray(row["curve"]["accuracy"])
+    assert curve[0] == pytest.approx(1 / 5), "step 0 is the zero head: every query gets class 0"
+    for k in (1, CURVE_STEPS):  # one step, and past the table's two
+        hits = [np.mean(predicted_labels(model.learner, type(episodes)(*(f[e] for f in episodes)), k)
+                        == episodes.query_y[e]) for e in range(EPISODES)]
+        assert np.mean(hits) == pytest.approx(curve[k], abs=1e-12)
+
+
+def test_the_device_runtime_scores_the_same_episodes_as_tensorflow(export_report):
+    report, _ = export_report
+    assert report["device"]["runtime"].startswith("mmtl_tf.ondevice")
+    for row in report["settings"]:
+        device, queries = row["device"], row["ways"] * row["queries"]
+        assert device["inner_steps"] == row["inner_steps"]
+        # Logits agree to ~1e-5: at most one near-tie query per episode may flip.
+        assert device["largest_episode_difference"] <= 1 / queries + 1e-12
+        assert abs(device["accuracy"] - row["accuracy"]) <= 1 / queries
+
+
+def test_fixed_episodes_are_kilobyte_files_read_back_bit_identically(export_report,
+                                                                    trained_export):
+    from mmtl_tf.data.episode_files import draw_episodes, fixed_episodes
+    from mmtl_tf.runs import load_model
+    from mmtl_tf.training import episode_sampler
+
+    report, out = export_report
+    config = load_model(trained_export.folder).config
+    for row, setting in zip(report["settings"], ANCHOR_SETTINGS):
+        path = out / row["episode_file"]
+        images = EPISODES * setting.ways * (setting.shots + QUERIES)
+        assert path.stat().st_size < 3 * images + 2_000, "a uint16 row and a label per image"
+        sampler = episode_sampler(config.replace(data={
+            "ways": setting.ways, "shots": setting.shots, "queries": QUERIES,
+            "within_alphabet": setting.within_alphabet}), "test")
+        reread = fixed_episodes(path, sampler, 2024, EPISODES)
+        drawn = draw_episodes(sampler, 2024, EPISODES)
+        for a, b in zip(reread, drawn):
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+        assert path.stat().st_size * 100 < sum(a.nbytes for a in drawn)
+
+
+def test_a_run_folder_scores_what_its_export_scores(export_report, trained_export, tmp_path,
+                                                    capsys):
+    run = shutil.copytree(trained_export.workdir, tmp_path / "run")
+    _evaluate_main()(["--workdir", str(run), "--ways", "5", "--shots", "1", "--queries",
+                      str(QUERIES), "--episodes", str(EPISODES), "--curve-steps",
+                      str(CURVE_STEPS)])
+    assert "5-way 1-shot:" in capsys.readouterr().out
+    (row,) = json.loads((run / "evaluation" / "test" / "evaluation.json").read_text())["settings"]
+    exported = export_report[0]["settings"][0]
+    assert row["setting"] == exported["setting"] == "5-way 1-shot"
+    assert row["curve"] == exported["curve"], "same weights, same episodes, same numbers"
+    assert "device" not in row
+
+
+def test_the_validation_part_scores_validation_alphabets(trained_export, tmp_path):
+    from mmtl_tf.runs import evaluate_run
+
+    report = evaluate_run(trained_export.workdir, tmp_path, "validation", [Setting(5, 1, 2)],
+                          episodes=4, curve_steps=0)
+    assert "validation alphabets" in report["scored_on"]
+    assert report["settings"][0]["episode_file"].startswith("episodes/validation_5w1s2q")
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--ways", "30"], "ways=30 exceeds the model's max_ways=20; choose --ways <= 20"),
+    (["--part", "train"], "invalid choice: 'train'"),
+    ([], "is an export folder, whose files its manifest hashes; give --out"),
+])
+def test_bad_input_is_one_line_and_a_nonzero_exit(trained_export, capsys, arguments, message):
+    target = trained_export.folder if not arguments else trained_export.workdir
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(_evaluate_main(), ["--workdir", str(target), *arguments])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_folder_that_is_not_a_run_is_one_line_and_a_nonzero_exit(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(_evaluate_main(), ["--workdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert f"{tmp_path} is neither a training run" in err
