@@ -98,6 +98,106 @@ def meta_train_throughput(first_order: bool, meta_batch_size: int = 32, ways: in
 
 
 
+def engine_fractions(meta_batch_size: int = 32, ways: int = 5, shots: int = 1, queries: int = 15,
+                     inner_lr: float = 0.4, rounds: int = 5) -> dict:
+    """The meta-step as a fraction of the per-task ceiling, all timed in this one process.
+
+    Four steps on the same random meta-batch, timed in turn for ``rounds`` rounds (so a machine
+    that slows down slows all four alike): MetaLearner's second- and first-order train steps
+    (the peers' configuration: learned head, one inner step, Adam) and two plain gradients of
+    the encoder and a dense head over the meta-batch's images with shared weights: the
+    per-task ceiling (each task's ``ways * (shots + queries)`` images as one batch, tasks
+    through ``tf.map_fn`` with each task's gradient taken inside the map, summed) and the
+    batched one (all images in one batch). Fractions are medians of each round's ratio.
+    """
+    import keras
+    import tensorflow as tf
+
+    from mmtl_tf.meta.algorithms import MetaConfig
+    from mmtl_tf.meta.learner import MetaLearner
+    from mmtl_tf.models.conv4 import conv4_encoder
+
+    batch = _random_meta_batch(meta_batch_size, ways, shots, queries)
+    steps = {}
+    for first_order in (False, True):
+        keras.utils.set_random_seed(0)
+        config = MetaConfig(inner_steps=1, inner_lr=inner_lr, first_order=first_order,
+                            head_init="learned", max_ways=max(ways, 2), track_pre_adaptation=False)
+        learner = MetaLearner(conv4_encoder(28), config)
+        learner.compile(optimizer=keras.optimizers.Adam(1e-3))
+        steps["first_order" if first_order else "second_order"] = (
+            lambda learner=learner: learner.train_on_batch(batch))
+    images = tf.concat([batch.support_x, batch.query_x], 1)  # (tasks, ways*(shots+queries), 28, 28, 1)
+    labels = tf.concat([batch.support_y, batch.query_y], 1)
+    steps.update(_ceiling_steps(images, labels, ways))
+    for step in steps.values():  # tracing and a warm-up step
+        step(), step()
+    seconds = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            tf.nest.map_structure(np.asarray, step())
+            seconds[name].append(time.perf_counter() - start)
+    result = {f"{name}_tasks_per_second": round(meta_batch_size / float(np.median(s)), 1)
+              for name, s in seconds.items()}
+    ceiling = np.array(seconds["per_task_ceiling"])
+    for name in ("second_order", "first_order", "batched_ceiling"):
+        result[f"{name}_fraction_of_per_task_ceiling"] = round(
+            float(np.median(ceiling / np.array(seconds[name]))), 3)
+    return {"meta_batch_size": meta_batch_size, "ways": ways, "shots": shots,
+            "queries": queries, "inner_steps": 1, "rounds": rounds, **result}
+
+
+def _random_meta_batch(meta_batch_size, ways, shots, queries):
+    import tensorflow as tf
+
+    from mmtl_tf.data.episodes import Episode
+
+    rng = np.random.default_rng(0)
+    labels = lambda per_class: np.tile(np.arange(ways, dtype=np.int32), (meta_batch_size, per_class))
+    batch = Episode(rng.normal(size=(meta_batch_size, ways * shots, 28, 28, 1)).astype(np.float32),
+                    labels(shots),
+                    rng.normal(size=(meta_batch_size, ways * queries, 28, 28, 1)).astype(np.float32),
+                    labels(queries), np.tile(np.arange(ways, dtype=np.int64), (meta_batch_size, 1)),
+                    np.zeros((meta_batch_size, 0), np.float32))
+    return Episode(*(tf.constant(f) for f in batch))
+
+
+def _ceiling_steps(images, labels, ways: int) -> dict:
+    """Plain gradients (cross-entropy, shared weights, fused batch norm) of images (T, B, ...)
+    with labels (T, B): per task through tf.map_fn, and all T * B images as one batch."""
+    import keras
+    import tensorflow as tf
+
+    from mmtl_tf.models.conv4 import conv4_encoder
+
+    keras.utils.set_random_seed(0)
+    encoder = conv4_encoder(28)
+    head = keras.layers.Dense(ways)
+    head.build((None, encoder.feature_dim))
+    params = [tf.convert_to_tensor(v) for v in encoder.trainable_variables + head.trainable_variables]
+    state = [v.value for v in encoder.non_trainable_variables]
+
+    def gradient(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            features, _ = encoder.stateless_call(params[:-2], state, x, training=True)
+            logits = tf.matmul(features, params[-2]) + params[-1]
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+        return tape.gradient(loss, params)
+
+    @tf.function
+    def per_task():
+        grads = tf.map_fn(lambda e: gradient(*e), (images, labels), parallel_iterations=2,
+                          fn_output_signature=[tf.TensorSpec(p.shape, p.dtype) for p in params])
+        return [tf.reduce_mean(g, 0) for g in grads]
+
+    flat_images = tf.reshape(images, (-1, *images.shape[2:]))
+    flat_labels = tf.reshape(labels, (-1,))
+    batched = tf.function(lambda: gradient(flat_images, flat_labels))
+    return {"per_task_ceiling": per_task, "batched_ceiling": batched}
+
+
 def plain_step_ceiling(meta_batch_size: int = 32, ways: int = 5, shots: int = 1,
                        queries: int = 15, reps: int = 5) -> dict:
     """Tasks per second that no MAML step of this configuration can beat with these kernels.

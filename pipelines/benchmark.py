@@ -2,11 +2,15 @@
 
   python pipelines/benchmark.py --data                 # episodes/s, one core
   python pipelines/benchmark.py --engine               # meta-train tasks/s, trace s, peak RSS,
-                                                       # and the plain-gradient ceiling
+                                                       # the plain-gradient ceilings (per task
+                                                       # and batched) and each meta-step as a
+                                                       # fraction of the per-task ceiling
   python pipelines/benchmark.py --engine --peers-python ~/peer-venv/bin/python   # + PyTorch peers
   python pipelines/benchmark.py --device exported/omniglot-5w1s   # adapt + predict latency
 
-Every measurement runs in a fresh process; --out also writes the JSON to a file.
+Every measurement runs in a fresh process; --out also writes the JSON to a file. The fractions
+are timed in one process, the four steps in turn, so the machine's drift hits them alike. The
+processes import mmtl_tf from this tree (not an installed copy).
 """
 
 import argparse
@@ -16,7 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-PEERS = Path(__file__).resolve().parents[1].parent / "shared" / "peers"
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT.parent / "shared" / "peers"
+sys.path.insert(0, str(ROOT))  # measure this tree's mmtl_tf, not whichever is installed
 
 
 def measure(kind: str, args) -> dict:
@@ -34,6 +40,9 @@ def measure(kind: str, args) -> dict:
         ways, shots, queries = {"data-5w1s": (5, 1, 15), "data-20w5s": (20, 5, 15)}[kind]
         return {"benchmark": "episodes", "cores": 1, "split": "omniglot background",
                 **b.episode_throughput(classes, ways, shots, queries)}
+    if kind == "engine-fractions":
+        return {"benchmark": "fractions-of-per-task-ceiling", "cores": "all",
+                **b.engine_fractions(meta_batch_size=args.meta_batch_size, rounds=args.reps)}
     if kind == "engine-ceiling":
         return {"benchmark": "plain-gradient-ceiling", "cores": "all",
                 **b.plain_step_ceiling(meta_batch_size=args.meta_batch_size, reps=args.reps)}
@@ -64,7 +73,9 @@ def child(kind: str, args) -> dict:
            ["--data-dir", args.data_dir] if args.data_dir else []) + (
            ["--device", args.device] if args.device else []) + (
            ["--steps", str(args.steps)] if args.steps else [])
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -97,7 +108,8 @@ def main(argv=None):
         results += [child(f"{kind}-{size}", args) for size in ("5w1s", "20w5s")
                     for kind in ("device", "tf-adapt")]
     if args.engine:
-        results += [child("engine-so", args), child("engine-fo", args), child("engine-ceiling", args)]
+        results += [child("engine-so", args), child("engine-fo", args), child("engine-ceiling", args),
+                    child("engine-fractions", args)]
         if args.peers_python:
             results += _peers(args, results)
     text = json.dumps({"results": results}, indent=2)
@@ -118,12 +130,16 @@ def _peers(args, ours):
                     if r.get("benchmark") == "meta-train" and r["first_order"] == first_order)
         plain = next(r for r in ours if r.get("benchmark") == "plain-gradient-ceiling")
         ceiling = plain["tasks_per_second_ceiling"]
+        fractions = next(r for r in ours if r.get("benchmark") == "fractions-of-per-task-ceiling")
+        per_task = fractions["per_task_ceiling_tasks_per_second"]
         rows.append({"benchmark": "peers", "first_order": first_order, "peers": peers,
                      "best_peer_tasks_per_second": best, "mmtl_tf_tasks_per_second": mine,
                      "ratio_to_best_peer": round(mine / best, 2),
                      "five_times_best_peer": round(5 * best, 2),
                      "plain_gradient_ceiling": ceiling,
                      "ceiling_ratio_to_best_peer": round(ceiling / best, 2),
+                     "per_task_ceiling": per_task,
+                     "per_task_ceiling_ratio_to_best_peer": round(per_task / best, 2),
                      # the arithmetic rate 5x would take even at the plain gradient's count
                      "gflops_per_second_for_five_times": round(
                          5 * best * plain["gradient_flops_per_task"] / 1e9, 1),

@@ -347,3 +347,27 @@ def test_the_traced_train_step_does_not_grow_with_the_meta_batch():
     two = Episode(*(f[:2] for f in batch))
     eight = Episode(*(tf.concat([f, f], 0) for f in batch))
     assert _train_graph_size(learner, two) == _train_graph_size(learner, eight)
+
+
+@pytest.mark.parametrize("algorithm,weight_decay", [("maml", 0.0), ("fomaml", 0.0),
+                                                    ("metasgd", 0.0), ("maml", 0.01)])
+def test_train_step_applies_the_gradient_of_the_mean_meta_loss(algorithm, weight_decay):
+    """The step takes each task's gradient inside tf.map_fn and sums them (issue #15): that
+    sum must be the gradient of the mean meta-loss taken through the whole map."""
+    batch, _ = _meta_batch(_pattern_classes(), seed=5)
+    learner = _learner(MetaConfig(algorithm=algorithm, inner_lr=0.3, max_ways=WAYS,
+                                  head_init="learned", weight_decay=weight_decay))
+    lr = 0.1
+    learner.compile(optimizer=keras.optimizers.SGD(lr))
+    variables = learner.meta_variables
+    first_order = learner.config.first_order
+    with tf.GradientTape() as tape:
+        meta = learner.task_metrics(batch, learner.config.inner_steps, first_order,
+                                    training=True)["meta_loss"]
+        loss = tf.reduce_mean(meta) + learner._regularizer()
+    reference = tape.gradient(loss, variables)
+    before = _values(variables)
+    learner.train_on_batch(batch)
+    for b, v, g in zip(before, variables, reference):
+        np.testing.assert_allclose((b - v.numpy()) / lr, g.numpy(), rtol=1e-3, atol=1e-6)
+    assert max(float(np.abs(g).max()) for g in reference[:-2]) > 1e-4

@@ -90,21 +90,26 @@ class MetaLearner(keras.Model):
         return [self.add_weight(shape_of(p), initializer=init, name=f"inner_lr_{i}", dtype=p.dtype)
                 for i, p in enumerate(self.meta_params)]
 
-    def learning_rates(self, ways):
-        """``step -> per-parameter rates`` in the task layout (head rates sliced to N)."""
+    def learning_rates(self, ways, inner_lrs=None):
+        """``step -> per-parameter rates`` in the task layout (head rates sliced to N).
+        ``inner_lrs``: values to use instead of the learned rate variables."""
         shared_head = self.loop.head_init != "learned" and self.task != "regression"
-        return inner_rate_schedule(self.config, self.inner_lrs, len(self.meta_params), ways,
-                                   shared_head)
+        learned = self.inner_lrs if inner_lrs is None else inner_lrs
+        return inner_rate_schedule(self.config, learned, len(self.meta_params), ways, shared_head)
 
     # ----- one task, many tasks -----------------------------------------------------------
-    def _task_metrics(self, episode, ways, steps, first_order, training=False):
+    def _task_metrics(self, episode, ways, steps, first_order, training=False, values=None):
         """Adapts to one task (no task axis). Returns (dict of scalar tensors, fast weights the
         task started from, adapted fast weights). ``training`` adds MAML++'s multi-step loss
-        (``meta_loss``), whose weights follow the optimizer's step counter."""
-        meta_params = [tf.convert_to_tensor(p) for p in self.meta_params]
+        (``meta_loss``), whose weights follow the optimizer's step counter. ``values``: tensors
+        to use instead of ``meta_variables`` (theta, then the learned inner rates)."""
+        if values is None:
+            values = [tf.convert_to_tensor(v) for v in self.meta_variables]
+        count = len(self.meta_params)
+        meta_params, inner_lrs = values[:count], values[count:]
         query_all = self.config.multi_step_loss and training
         adapted = il.adapt(self.loop, meta_params, episode.support_x, episode.support_y, ways,
-                           steps, self.learning_rates(ways), first_order,
+                           steps, self.learning_rates(ways, inner_lrs), first_order,
                            query_x=episode.query_x if query_all else None)
         outputs = (adapted.query_outputs[-1] if query_all else
                    il.query_logits(self.loop, adapted.params, episode.support_x, episode.query_x))
@@ -125,7 +130,12 @@ class MetaLearner(keras.Model):
             result["pre_loss"] = self.loop.loss(before, episode.query_y)
             if self.task == "classification":
                 result["pre_accuracy"] = _accuracy(before, episode.query_y)
-        metrics = {name: tf.cast(value, tf.float32) for name, value in result.items()}
+        # Only meta_loss is differentiated. An outer tape's gradient of tf.map_fn (as around
+        # task_metrics) sends zeros into every other output of the loop body, and TensorFlow
+        # cannot tell they are zeros: it would backpropagate them through the support set's
+        # forward passes (twice the convolution gradients of a first-order step).
+        metrics = {name: tf.cast(value if name == "meta_loss" else tf.stop_gradient(value),
+                                 tf.float32) for name, value in result.items()}
         return metrics, adapted.start, adapted.params
 
     def task_metrics(self, episodes, steps, first_order=True, training=False):
@@ -197,17 +207,67 @@ class MetaLearner(keras.Model):
         data = as_episodes(data)
         if self.config.reptile:
             return self._reptile_step(data)
-        first_order = self._first_order()
         variables = self.meta_variables
+        first_order = self._first_order()
+        if isinstance(first_order, bool):
+            per_task, grads = self.meta_gradients(data, first_order)
+        else:  # derivative-order annealing: a branch per order (see meta_gradients)
+            per_task, grads = tf.cond(first_order, lambda: self.meta_gradients(data, True),
+                                      lambda: self.meta_gradients(data, False))
         with tf.GradientTape() as tape:
-            per_task = self.task_metrics(data, self.config.inner_steps, first_order, training=True)
-            loss = tf.reduce_mean(per_task["meta_loss"]) + self._regularizer()
-            # Gradients are summed across replicas; a loss-scale optimizer (mixed_float16)
-            # scales the loss here and unscales the gradients in apply().
-            scaled = self.optimizer.scale_loss(loss / _replicas())
-        grads = tape.gradient(scaled, variables)
+            regularizer = self._regularizer()
+            scaled = self.optimizer.scale_loss(regularizer / _replicas())
+        if self.config.weight_decay:
+            decay = tape.gradient(scaled, variables)  # None for learned inner rates
+            grads = [g if r is None else g + r for g, r in zip(grads, decay)]
+        loss = tf.reduce_mean(per_task["meta_loss"]) + regularizer
         finite = self._apply_if_finite(loss, grads, variables)
         return self._record(per_task, finite)
+
+    def meta_gradients(self, episodes, first_order: bool):
+        """Per-task metrics (as ``task_metrics``, training) and the gradient of the mean
+        meta-loss with respect to ``meta_variables``, scaled as the optimizer scales a loss and
+        divided by the replicas (gradients are summed across replicas; a loss-scale optimizer
+        unscales them in apply()).
+
+        Each task's gradient is taken inside the ``tf.map_fn`` body and the results summed:
+        differentiating the map from outside instead makes TensorFlow stack every task's
+        intermediates in loop accumulators and, for the second order, fill zero gradients for
+        them; this is the same sum, a third fewer operations per step (issue #15).
+        ``first_order`` is a Python bool: a boolean tensor switching the order inside the body
+        (``inner_loop``'s annealing form) makes TensorFlow build a cyclic graph there.
+        """
+        ways = self._ways(episodes)
+        variables = self.meta_variables
+        if self.inner_lrs:
+            # Learned inner rates (Meta-SGD, MAML++): a tape inside the loop body taking the
+            # second-order gradient of a rate times a gradient builds a cyclic graph in
+            # TensorFlow 2.21 ("nodes in a cycle"), so these differentiate the map from outside.
+            with tf.GradientTape() as tape:
+                per_task = self.task_metrics(episodes, self.config.inner_steps, first_order,
+                                             training=True)
+                scaled = self.optimizer.scale_loss(tf.reduce_mean(per_task["meta_loss"]) /
+                                                   _replicas())
+            return per_task, tape.gradient(scaled, variables)
+        tasks = tf.cast(tf.shape(episodes.support_x)[0], tf.float32)
+
+        def one_task(fields):
+            # Differentiated with respect to the values read here: a Python-bool order and
+            # plain tensors keep TensorFlow from building a cyclic graph in the loop body.
+            values = [tf.convert_to_tensor(v) for v in variables]
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(values)
+                metrics = self._task_metrics(Episode(*fields), ways, self.config.inner_steps,
+                                             first_order, training=True, values=values)[0]
+                scaled = self.optimizer.scale_loss(metrics["meta_loss"] / (tasks * _replicas()))
+            # a zero head's meta-head gets no gradient: zeros, as map_fn needs tensors
+            return metrics, tape.gradient(scaled, values, unconnected_gradients="zero")
+
+        metrics = {n: tf.TensorSpec([], tf.float32) for n in self._metric_names() + ["meta_loss"]}
+        grads = [tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)) for v in variables]
+        per_task, grads = tf.map_fn(one_task, tuple(episodes), fn_output_signature=(metrics, grads),
+                                    parallel_iterations=self.config.parallel_iterations)
+        return per_task, [tf.reduce_sum(g, 0) for g in grads]
 
     def make_test_function(self, force=False):
         """Always a fresh function: ways are static in the traced graph, and Keras relaxes
