@@ -57,7 +57,6 @@ def meta_train_throughput(first_order: bool, meta_batch_size: int = 32, ways: in
     dense head, Adam outer step. ``trace_seconds`` is the first step including tracing.
     """
     import keras
-    import tensorflow as tf
 
     from mmtl_tf.data.episodes import Episode
     from mmtl_tf.meta.algorithms import MetaConfig
@@ -70,14 +69,7 @@ def meta_train_throughput(first_order: bool, meta_batch_size: int = 32, ways: in
                         track_pre_adaptation=track_pre_adaptation)
     learner = MetaLearner(conv4_encoder(28), config)
     learner.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit_compile)
-    rng = np.random.default_rng(0)
-    labels = lambda per_class: np.tile(np.arange(ways, dtype=np.int32), (meta_batch_size, per_class))
-    batch = Episode(rng.normal(size=(meta_batch_size, ways * shots, 28, 28, 1)).astype(np.float32),
-                    labels(shots),
-                    rng.normal(size=(meta_batch_size, ways * queries, 28, 28, 1)).astype(np.float32),
-                    labels(queries), np.tile(np.arange(ways, dtype=np.int64), (meta_batch_size, 1)),
-                    np.zeros((meta_batch_size, 0), np.float32))
-    batch = Episode(*(tf.constant(f) for f in batch))
+    batch = _random_meta_batch(meta_batch_size, ways, shots, queries)
     start = time.perf_counter()
     learner.train_on_batch(batch)
     trace = time.perf_counter() - start
