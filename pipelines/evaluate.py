@@ -41,12 +41,6 @@ def main(argv=None):
                         help="TensorFlow's start-up messages and full tracebacks")
     args = parser.parse_args(argv)
     cli.quiet_tensorflow(args.verbose)
-    import tensorflow as tf
-
-    # One thread per operation, episodes in parallel (one per core, evaluation.accuracy_curve):
-    # 1.2x (20-way 5-shot) to 1.7x (5-way 1-shot) faster than TensorFlow's default pools on
-    # this project's shared 2-core machine.
-    tf.config.threading.set_intra_op_parallelism_threads(1)
     from mmtl_tf.evaluation import Setting
     from mmtl_tf.runs import evaluate_run
 
