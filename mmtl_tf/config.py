@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 from mmtl_tf.meta.algorithms import MetaConfig
 
@@ -26,7 +27,9 @@ class DataConfig:
       ways, shots, queries: N, K and Q (queries per class; per task for the sinusoid).
       image_size: 28 (default) or 105 (original); ink_as_one maps ink to 1.0.
       within_alphabet: all classes of an episode from one alphabet.
-      rotations: rotation classes; None means the protocol's default (vinyals: on).
+      rotations: rotated characters (90, 180, 270 degrees) as extra classes of meta-training;
+        None means the protocol's default (vinyals: on). Validation and test episodes always
+        follow the protocol (background: never rotated), so the test stays the published one.
       seed: fixes the training episode stream.
     """
 
@@ -63,6 +66,14 @@ class ModelConfig:
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def parse_setting(setting: str) -> tuple[int, int]:
+    """(ways, shots) of a setting written "<N>w<K>s", e.g. "20w1s" -> (20, 1)."""
+    match = re.fullmatch(r"(\d+)w(\d+)s", str(setting))
+    if not match or int(match[1]) < 2 or int(match[2]) < 1:
+        raise ValueError(f"setting {setting!r} is not <N>w<K>s with N >= 2 and K >= 1, e.g. '5w1s'")
+    return int(match[1]), int(match[2])
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The outer loop: Adam on the meta-batch mean query loss.
@@ -75,6 +86,9 @@ class TrainConfig:
       lr_schedule: "constant" or "cosine" (decay to ``meta_lr * lr_floor`` over the run, after
         ``warmup_steps`` of linear warm-up from 0).
       early_stopping_patience: stop after this many validations without improvement (0: off).
+      also_validate: more validation settings, scored beside the training one at each
+        validation and logged as ``val_<setting>_accuracy`` (e.g. ("5w1s",)); selection and
+        early stopping use the training setting only.
     """
 
     steps: int = 2000
@@ -91,6 +105,7 @@ class TrainConfig:
     early_stopping_patience: int = 0
     jit_compile: bool = False
     mixed_precision: str | None = None  # None, "mixed_bfloat16" or "mixed_float16"
+    also_validate: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("steps", "meta_batch_size", "log_every", "checkpoint_every", "eval_episodes"):
@@ -105,6 +120,8 @@ class TrainConfig:
         if self.warmup_steps >= self.steps and self.lr_schedule == "cosine":
             raise ValueError(f"train.warmup_steps={self.warmup_steps} leaves no decay in "
                              f"{self.steps} steps; lower it")
+        for setting in self.also_validate:
+            parse_setting(setting)
         if self.early_stopping_patience and not self.eval_every:
             raise ValueError("train.early_stopping_patience needs validation during the run: "
                              "set train.eval_every")
@@ -152,6 +169,19 @@ PRESETS = {
         "omniglot-5w1s", meta=MetaConfig(inner_steps=2, eval_inner_steps=3, inner_lr=0.4,
                                          head_init="zero", transductive=False),
         train=TrainConfig(steps=2000, meta_batch_size=32)),
+    # The flagship: way-agnostic Proto-MAML. Every task starts from the nearest-prototype
+    # classifier of its support set (any N, any K), one second-order inner step adapts encoder
+    # and head; 20-way training tasks with rotated characters as extra classes; queries are
+    # normalised by the support set's statistics (a device predicts one image at a time).
+    # Validated on 20-way 1-shot (selection) and 5-way 1-shot (logged) episodes of the
+    # held-out background alphabets.
+    "omniglot": ExperimentConfig(
+        "omniglot", data=DataConfig(ways=20, shots=1, queries=5, rotations=True),
+        meta=MetaConfig(inner_steps=1, eval_inner_steps=1, inner_lr=0.1, head_init="proto",
+                        transductive=False, first_order_until=4500),
+        train=TrainConfig(steps=7000, meta_batch_size=16, meta_lr=1e-3, lr_schedule="cosine",
+                          warmup_steps=200, lr_floor=0.05, log_every=100, checkpoint_every=250,
+                          eval_every=500, eval_episodes=300, also_validate=("5w1s",))),
     "omniglot-20w1s": ExperimentConfig(
         "omniglot-20w1s", data=DataConfig(ways=20, shots=1, queries=5),
         meta=MetaConfig(inner_steps=5, eval_inner_steps=5, inner_lr=0.1),

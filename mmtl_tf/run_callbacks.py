@@ -153,7 +153,10 @@ class MetricsLog(keras.callbacks.Callback):
                                 if k != "update_dropped"}}
         row["meta_lr"] = float(self.model.optimizer.learning_rate)  # the schedule's, now
         if step in self.run.validated:  # also into logs: the progress line shows it
-            row["val_accuracy"] = logs["val_accuracy"] = self.run.validated[step]["accuracy"]
+            report = self.run.validated[step]
+            row["val_accuracy"] = logs["val_accuracy"] = report["accuracy"]
+            for setting, accuracy in report.get("settings", {}).items():
+                row[f"val_{setting}_accuracy"] = logs[f"val_{setting}_accuracy"] = accuracy
         self.rows.append(row)
         write_history(self.workdir, self.rows)
         with self.writer.as_default(step=step):
@@ -193,12 +196,13 @@ def write_curves(path, rows: list[dict]) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     series = lambda name: [(r["step"], r[name]) for r in rows if name in r]  # noqa: E731
+    validation = sorted({k for r in rows for k in r if k.startswith("val_")})
     for axis, names, label in ((left, ["loss"], "meta-loss (query, after adaptation)"),
-                               (right, ["accuracy", "pre_accuracy", "val_accuracy"], "accuracy")):
+                               (right, ["accuracy", "pre_accuracy", *validation], "accuracy")):
         for name in names:
             points = series(name)
             if points:
-                axis.plot(*zip(*points), marker="." if name == "val_accuracy" else None, label=name)
+                axis.plot(*zip(*points), marker="." if name.startswith("val_") else None, label=name)
         axis.set_xlabel("meta-step")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)

@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from mmtl_tf import checkpoints
-from mmtl_tf.config import ExperimentConfig
+from mmtl_tf.config import ExperimentConfig, parse_setting
 from mmtl_tf.data.episode_files import draw_episodes
 from mmtl_tf.data.episodes import EpisodeSampler, episode_dataset
 from mmtl_tf.data.sinusoid import SinusoidSampler
@@ -74,10 +74,11 @@ def episode_sampler(config: ExperimentConfig, part: str):
         load = lambda split: load_omniglot_classes(split, prep, d.data_dir, d.source_dir)  # noqa: E731
         classes = (load(d.eval_split or "test") if part == "test" else
                    hold_out_validation(load(d.train_split or "train"), part))
-        rotations = bool(d.rotations)
+        rotations = bool(d.rotations) and part == "train"
     else:
         classes, rotations = omniglot_split(d.protocol, part, prep, d.data_dir, d.source_dir)
-        rotations = rotations if d.rotations is None else d.rotations
+        if part == "train" and d.rotations is not None:  # scored parts follow the protocol
+            rotations = d.rotations
     return EpisodeSampler(classes, d.ways, d.shots, d.queries, d.within_alphabet, rotations)
 
 
@@ -133,6 +134,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     t = config.train
     train_sampler = episode_sampler(config, "train")
     validation = _validation_episodes(config)
+    also = {s: _validation_episodes(config, s) for s in t.also_validate} if validation else {}
     with (strategy or tf.distribute.get_strategy()).scope():
         learner = build_learner(config)
         learner.compile(optimizer=_optimizer(config), jit_compile=t.jit_compile)
@@ -147,7 +149,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     signals = StopSignals()
     run = RunFolder(workdir, t.steps, t.checkpoint_every, t.eval_every if validation else 0,
                     t.early_stopping_patience,
-                    lambda: evaluate_episodes(learner, validation), signals, config.meta.inner_lr,
+                    lambda: _validate(learner, validation, also), signals, config.meta.inner_lr,
                     state, prepare=lambda: calibrate_batch_norm(learner, train_sampler,
                                                                 config.data.seed))
     if step % t.log_every:
@@ -221,13 +223,25 @@ def _periods(step: int, steps: int, log_every: int):
         yield step, log_every, -(-(steps - step) // log_every)
 
 
-def _validation_episodes(config: ExperimentConfig):
-    """The fixed validation episodes, or None for a protocol without a validation part."""
+def _validation_episodes(config: ExperimentConfig, setting: str | None = None):
+    """The fixed validation episodes (of the training setting, or of ``setting`` such as
+    "5w1s"), or None for a protocol without a validation part."""
     if config.data.family == "omniglot" and config.data.protocol == "vinyals" and not (
             config.data.train_split or config.data.eval_split):
         return None
+    if setting is not None:
+        ways, shots = parse_setting(setting)
+        config = config.replace(data={"ways": ways, "shots": shots})
     t = config.train
     return draw_episodes(episode_sampler(config, "validation"), t.eval_seed, t.eval_episodes)
+
+
+def _validate(learner, validation, also: dict) -> dict:
+    """The validation report of the training setting; ``settings`` holds the accuracy of each
+    ``train.also_validate`` setting (logged, never used for selection)."""
+    report = evaluate_episodes(learner, validation)
+    report["settings"] = {s: evaluate_episodes(learner, e)["accuracy"] for s, e in also.items()}
+    return report
 
 
 def _final_metrics(config, workdir: Path, run: RunFolder, step: int) -> dict:
