@@ -178,8 +178,8 @@ PRESETS = {
     "omniglot": ExperimentConfig(
         "omniglot", data=DataConfig(ways=20, shots=1, queries=5, rotations=True),
         meta=MetaConfig(inner_steps=1, eval_inner_steps=1, inner_lr=0.1, head_init="proto",
-                        transductive=False, first_order_until=4500),
-        train=TrainConfig(steps=7000, meta_batch_size=16, meta_lr=1e-3, lr_schedule="cosine",
+                        transductive=False, first_order_until=8000),
+        train=TrainConfig(steps=12000, meta_batch_size=16, meta_lr=1e-3, lr_schedule="cosine",
                           warmup_steps=200, lr_floor=0.05, log_every=100, checkpoint_every=250,
                           eval_every=500, eval_episodes=300, also_validate=("5w1s",))),
     "omniglot-20w1s": ExperimentConfig(
