@@ -64,10 +64,13 @@ class RunFolder(keras.callbacks.Callback):
 
     ``validate()`` returns the validation report (``evaluate_episodes``); ``prepare()`` runs
     before any state is saved (batch-norm calibration); ``state`` is the record restored from
-    the last checkpoint (best accuracy and its step, evaluations without improvement)."""
+    the last checkpoint (best accuracy and its step, evaluations without improvement);
+    ``config`` (the run's configuration) goes into every checkpoint's record, so a checkpoint
+    is never resumed under another configuration even when config.json is gone."""
 
     def __init__(self, workdir, steps, checkpoint_every, eval_every, patience, validate,
-                 signals: StopSignals, inner_lr: float, state: dict, prepare=None):
+                 signals: StopSignals, inner_lr: float, state: dict, prepare=None,
+                 config: dict | None = None):
         super().__init__()
         self.workdir, self.steps = Path(workdir), steps
         self.checkpoint_every, self.eval_every, self.patience = checkpoint_every, eval_every, patience
@@ -77,6 +80,7 @@ class RunFolder(keras.callbacks.Callback):
         self.validated = {}  # step -> validation report, this process
         self.stopped = False
         self.period_sums = None  # metric sums of a period cut by a crash, restored once
+        self.config = config  # the run's configuration, stored in every checkpoint's record
 
     def on_epoch_begin(self, epoch, logs=None):
         # fit() has just reset the trackers: a run resumed mid-period continues its sums, so
@@ -121,7 +125,8 @@ class RunFolder(keras.callbacks.Callback):
                 self.model.stop_training = True
 
     def record(self, step):
-        return {"step": step, **self.state}
+        return {"step": step, **self.state,
+                **({"config": self.config} if self.config is not None else {})}
 
     def checkpoint(self, step):
         self.prepare()

@@ -141,7 +141,8 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     step, state = 0, {}
     if (latest := checkpoints.latest(workdir)) is not None:
         record = checkpoints.restore(learner, latest)
-        step, state = record.pop("step"), record
+        step, _ = record.pop("step"), record.pop("config", None)
+        state = record
         if step >= t.steps and (workdir / "metrics.json").is_file():
             print(f"{workdir} holds a finished run of {t.steps} meta-steps; nothing to do")
             return json.loads((workdir / "metrics.json").read_text())
@@ -151,7 +152,8 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
                     t.early_stopping_patience,
                     lambda: _validate(learner, validation, also), signals, config.meta.inner_lr,
                     state, prepare=lambda: calibrate_batch_norm(learner, train_sampler,
-                                                                config.data.seed))
+                                                                config.data.seed),
+                    config=config.to_dict())
     if step % t.log_every:
         run.period_sums = [v.numpy() for v in learner.metrics_variables]
     log = MetricsLog(workdir, run, resumed_step=step)
@@ -194,6 +196,15 @@ def _prepare(config: ExperimentConfig, workdir: Path, overwrite: bool) -> None:
         if differ:
             raise ValueError(f"{workdir} holds a run of another configuration (differs in "
                              f"{', '.join(differ)}); use another --workdir, or --force to start over")
+    # A checkpoint names the configuration that wrote it: checked even without config.json
+    # (deleted, or the folder cleared while a stopping run wrote its last checkpoint).
+    if not overwrite and (latest := checkpoints.latest(workdir)) is not None:
+        written_by = checkpoints.read_record(latest).get("config")
+        differ = written_by and config_differences(written_by, json.loads(config.to_json()))
+        if differ:
+            raise ValueError(f"{latest} was written by a run of another configuration (differs "
+                             f"in {', '.join(differ)}); use another --workdir, or --force to "
+                             "start over")
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(stored, config.to_dict())
 

@@ -192,3 +192,21 @@ def test_the_command_line_refuses_bad_input_in_one_line(tmp_path):
     other = run()
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert "holds a run of another configuration (differs in train.meta_lr (0.5 -> 0.001))" in other.stderr
+
+
+def test_a_checkpoint_is_not_resumed_under_another_configuration_without_config_json(tmp_path):
+    """A checkpoint carries the configuration that wrote it: with config.json gone (deleted, or
+    the folder half cleared while a stopping run wrote its last checkpoint), a rerun with other
+    settings is refused naming the fields, instead of continuing the old run as the new one."""
+    from mmtl_tf.training import train
+
+    config = preset("tiny").replace(train={"steps": 2, "checkpoint_every": 2, "eval_every": 0})
+    train(config, tmp_path, verbose=0)
+    (tmp_path / "config.json").unlink()
+    other = config.replace(meta={"inner_lr": 0.2}, train={"steps": 4})
+    with pytest.raises(ValueError, match=r"step-00000002.npz was written by a run of another "
+                       r"configuration \(differs in meta.inner_lr \(0.4 -> 0.2\), train.steps "
+                       r"\(2 -> 4\)\); use another --workdir, or --force"):
+        train(other, tmp_path, verbose=0)
+    longer = config.replace(train={"steps": 2})  # the same configuration resumes
+    assert train(longer, tmp_path, verbose=0)["steps"] == 2
