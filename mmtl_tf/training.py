@@ -263,11 +263,28 @@ def _final_metrics(config, workdir: Path, run: RunFolder, step: int) -> dict:
         metrics.update(part="validation", scored_on=scored_on(config, "validation"),
                        validated_at=last, best_step=run.state["best_step"],
                        best_accuracy=run.state["best_accuracy"], **run.validated[last])
+        if "pre_accuracy" in metrics:  # what the inner loop adds over the starting head
+            metrics["adaptation_gain"] = metrics["accuracy"] - metrics["pre_accuracy"]
+            if abs(metrics["adaptation_gain"]) < NEGLIGIBLE_GAIN:
+                metrics["note"] = adaptation_note(metrics, config.meta)
+                print(f"note: {metrics['note']}")
     elif run.state.get("best_step") is None:
         metrics["validation"] = ("none: the vinyals protocol has no validation part; score the "
                                  "test characters with pipelines/evaluate.py")
     write_json(workdir / "metrics.json", metrics)
     return metrics
+
+
+NEGLIGIBLE_GAIN = 0.002  # validation accuracy, as a fraction
+
+
+def adaptation_note(metrics: dict, meta) -> str:
+    """The sentence a run ends with when adaptation does not change its validation accuracy."""
+    return (f"adaptation changed validation accuracy by {100 * metrics['adaptation_gain']:+.2f} "
+            f"points ({metrics['pre_accuracy']:.2%} at the starting {meta.head_init} head, "
+            f"{metrics['accuracy']:.2%} after {metrics['inner_steps']} step(s)): at this setting "
+            "the model classifies with its starting head and the inner loop does not matter "
+            "(pipelines/diagnose.py shows each step)")
 
 
 def calibrate_batch_norm(learner, sampler, seed: int, episodes: int = 64) -> None:

@@ -210,3 +210,17 @@ def test_a_checkpoint_is_not_resumed_under_another_configuration_without_config_
         train(other, tmp_path, verbose=0)
     longer = config.replace(train={"steps": 2})  # the same configuration resumes
     assert train(longer, tmp_path, verbose=0)["steps"] == 2
+
+
+def test_a_run_whose_inner_loop_changes_nothing_says_so(tmp_path, capsys):
+    """An inner step too small to move any prediction (here a rate of 1e-9) is not reported as
+    adaptation: the run ends naming the gain over the starting head and what it means."""
+    from mmtl_tf.training import train
+
+    config = preset("tiny").replace(meta={"head_init": "learned", "inner_lr": 1e-9},
+                                    train={"steps": 2, "eval_every": 2, "checkpoint_every": 2})
+    metrics = train(config, tmp_path, verbose=0)
+    assert metrics["adaptation_gain"] == metrics["accuracy"] - metrics["pre_accuracy"]
+    assert abs(metrics["adaptation_gain"]) < 1e-6
+    assert metrics["note"].startswith("adaptation changed validation accuracy by +0.00 points")
+    assert "the inner loop does not matter" in capsys.readouterr().out
