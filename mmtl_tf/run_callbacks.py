@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import signal
+import time
 from pathlib import Path
 
 import keras
@@ -141,8 +142,8 @@ class RunFolder(keras.callbacks.Callback):
 
 class MetricsLog(keras.callbacks.Callback):
     """At the end of each logging period: a row of ``history.csv`` (the step, the period's
-    meta-metrics, the meta learning rate, and the validation accuracy when validation ran at
-    that step), the same scalars for TensorBoard (``<workdir>/tensorboard``), and on request
+    meta-metrics, the meta learning rate, the training wall time so far in ``seconds``, and
+    the validation accuracy when validation ran at that step), the same scalars for TensorBoard (``<workdir>/tensorboard``), and on request
     (``write_curves``) the PNG learning curves. Rows after ``resumed_step`` (written after the
     checkpoint a run resumed from) are dropped, so the history has no gap and no duplicate."""
 
@@ -151,11 +152,20 @@ class MetricsLog(keras.callbacks.Callback):
         self.workdir, self.run = Path(workdir), run
         self.rows = [r for r in read_history(self.workdir) if r["step"] <= resumed_step]
         self.writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
+        self.period_start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.period_start = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
         step = int(self.model.optimizer.iterations)
         row = {"step": step, **{k: float(np.asarray(v).ravel()[0]) for k, v in (logs or {}).items()
                                 if k != "update_dropped"}}
+        # wall time of training so far (validation and checkpoints included): the time of the
+        # kept rows plus this period's; work lost to a crash after the last checkpoint is not
+        # counted twice
+        before = self.rows[-1].get("seconds", 0.0) if self.rows else 0.0
+        row["seconds"] = round(before + time.monotonic() - (self.period_start or time.monotonic()), 1)
         row["meta_lr"] = float(self.model.optimizer.learning_rate)  # the schedule's, now
         if step in self.run.validated:  # also into logs: the progress line shows it
             report = self.run.validated[step]
@@ -166,7 +176,7 @@ class MetricsLog(keras.callbacks.Callback):
         write_history(self.workdir, self.rows)
         with self.writer.as_default(step=step):
             for name, value in row.items():
-                if name != "step":
+                if name not in ("step", "seconds"):
                     tf.summary.scalar(name, value)
         self.writer.flush()
 
