@@ -12,6 +12,7 @@ and tasks.png (a few tasks: the sine, the support points, both models after 1 an
 from __future__ import annotations
 
 import json
+import re
 import time
 import typing
 from pathlib import Path
@@ -31,6 +32,7 @@ QUERIES = 100  # query points per task, uniform on the task's x range
 BLOCK = 64  # tasks drawn per sampler call: task i is a function of (seed, i // BLOCK, i % BLOCK)
 PICTURED = 3  # tasks drawn in tasks.png, per K
 FILES = ("evaluation.json", "evaluation.md", "curves.png", "tasks.png")
+ROLES = ("model", "baseline")
 
 
 class Scored(typing.NamedTuple):
@@ -89,7 +91,7 @@ def evaluate(model: Scored, baseline: Scored | None, out, protocol: str, part: s
         clock = time.perf_counter()
         drawn = draw_tasks(k, queries, seed, tasks)
         row = {"shots": k, "queries": queries, "tasks": tasks}
-        for role, s in zip(("model", "baseline"), scored):
+        for role, s in zip(ROLES, scored):
             row[role] = _scores(mse_after_steps(s.learner, drawn, last), table_steps)
         row["seconds"] = round(time.perf_counter() - clock, 1)
         rows.append(row)
@@ -99,7 +101,7 @@ def evaluate(model: Scored, baseline: Scored | None, out, protocol: str, part: s
                 f"{s.name} " + ", ".join(f"{m:.3f} ± {c:.3f} after {n} step{'s' * (n > 1)}"
                                          for n, m, c in zip(table_steps, row[role]["mse"],
                                                             row[role]["mse_ci95"]))
-                for role, s in zip(("model", "baseline"), scored)) +
+                for role, s in zip(ROLES, scored)) +
                 f" ({tasks} tasks, {row['seconds']:.0f} s)")
     report = {"family": "sinusoid", "model": _describe(model), "protocol": protocol,
               "part": part, "scored_on": scored_on, "seed": seed, "tasks": tasks,
@@ -123,9 +125,15 @@ def _scores(mse: np.ndarray, table_steps) -> dict:
     at = [mean_and_ci95(mse[:, n]) for n in table_steps]
     curve = [mean_and_ci95(mse[:, n]) for n in range(mse.shape[1])]
     return {"mse": [m for m, _ in at], "mse_ci95": [c for _, c in at],
-            "per_task": [mse[:, n].tolist() for n in table_steps],
+            "per_task": [[float32_value(v) for v in mse[:, n]] for n in table_steps],
             "curve": {"steps": list(range(mse.shape[1])), "mse": [m for m, _ in curve],
                       "mse_ci95": [c for _, c in curve]}}
+
+
+def float32_value(value) -> float:
+    """A float32 result as the shortest float that reads back as the same float32: what the
+    adaptation computed, in about 9 digits instead of 17."""
+    return float(str(np.float32(value)))
 
 
 def _pictured(scored, drawn: Episode, table_steps) -> dict:
@@ -138,7 +146,7 @@ def _pictured(scored, drawn: Episode, table_steps) -> dict:
              "support_y": drawn.support_y[:count, :, 0].tolist(),
              "true": (amplitude[:, None] * np.sin(grid[:, 0] - phase[:, None])).tolist(),
              "predictions": {}}
-    for s in scored:
+    for role, s in zip(ROLES, scored):
         meta_params = [tf.convert_to_tensor(p) for p in s.learner.meta_params]
         per_task = []
         for t in range(count):
@@ -147,7 +155,7 @@ def _pictured(scored, drawn: Episode, table_steps) -> dict:
                                query_x=grid)
             per_task.append([np.asarray(adapted.query_outputs[n - 1])[:, 0].tolist()
                              for n in table_steps])
-        shown["predictions"][s.name] = per_task
+        shown["predictions"][role] = per_task
     return shown
 
 
@@ -156,11 +164,17 @@ def write_report(out, report: dict, pictures: list[dict]) -> list[str]:
     """Writes evaluation.json, evaluation.md, curves.png and tasks.png atomically into ``out``."""
     out = Path(out)
     text = json.dumps({**report, "files": list(FILES)}, indent=2, sort_keys=True) + "\n"
+    # a list of numbers on one line, not one line per number
+    text = _NUMBER_LIST.sub(lambda m: "[" + " ".join(m[1].split()) + "]", text)
     atomic_write(out / "evaluation.json", lambda f: f.write(text.encode()))
     atomic_write(out / "evaluation.md", lambda f: f.write(markdown(report).encode()))
     save_figure(curves_figure(report), out / "curves.png")
     save_figure(tasks_figure(report, pictures), out / "tasks.png")
     return list(FILES)
+
+
+# An indented JSON list of numbers (JSON strings hold no raw line breaks: only lists match).
+_NUMBER_LIST = re.compile(r"\[\n\s*((?:-?[0-9.eE+-]+,\n\s*)*-?[0-9.eE+-]+)\n\s*\]")
 
 
 def _cell(mean: float, ci: float) -> str:
@@ -206,28 +220,37 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+COLOURS = dict(zip(ROLES, ("tab:green", "tab:red")))
+
+
 def curves_figure(report: dict):
     """Query MSE (95% CI band, log scale) against adaptation steps, one panel per K, the model
     solid and the baseline dashed (the paper's figure 3)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
     plt = pyplot()
     rows = report["settings"]
-    figure, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.3), squeeze=False)
     roles = [("model", "-")] + ([("baseline", "--")] if report["baseline"] else [])
     for axis, row in zip(axes[0], rows):
         for role, style in roles:
             curve = row[role]["curve"]
             steps, mean = np.asarray(curve["steps"]), np.asarray(curve["mse"])
             ci = np.asarray(curve["mse_ci95"])
-            line, = axis.plot(steps, mean, style, marker=".", label=_label(report[role]))
+            axis.plot(steps, mean, style, color=COLOURS[role], label=_label(report[role]))
             axis.fill_between(steps, np.maximum(mean - ci, 1e-4), mean + ci, alpha=0.2,
-                              color=line.get_color())
+                              color=COLOURS[role], linewidth=0)
         for n in report["table_steps"]:
             axis.axvline(n, color="grey", linestyle=":", linewidth=1)
         axis.set(yscale="log", xlabel="adaptation steps (0: the starting weights)",
                  title=f"K = {row['shots']} ({row['tasks']} {report['part']} tasks)")
+        axis.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 0.1 0.2 0.5 1 2 5
+        axis.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.yaxis.set_minor_formatter(NullFormatter())
+        axis.title.set_fontsize(9)
         axis.grid(alpha=0.3, which="both")
-    axes[0, 0].set_ylabel("query mean squared error")
-    axes[0, 0].legend(fontsize=8)
+    axes[0, 0].set_ylabel("query mean squared error (log scale)")
+    axes[0, -1].legend(fontsize=7)
     figure.tight_layout()
     return figure
 
@@ -237,26 +260,25 @@ def tasks_figure(report: dict, pictures: list[dict]):
     prediction after the table's steps (the paper's figure 2)."""
     plt = pyplot()
     count = len(pictures[0]["support_x"])
-    figure, axes = plt.subplots(len(pictures), count, figsize=(4 * count, 3 * len(pictures)),
+    figure, axes = plt.subplots(len(pictures), count, figsize=(3.4 * count, 2.4 * len(pictures)),
                                 squeeze=False)
-    colours = {report["model"]["name"]: "tab:green"}
-    if report["baseline"]:
-        colours[report["baseline"]["name"]] = "tab:red"
     steps = report["table_steps"]
     for row, (axes_row, shown, setting) in enumerate(zip(axes, pictures, report["settings"])):
         for t, axis in enumerate(axes_row):
             axis.plot(shown["x"], shown["true"][t], color="black", linewidth=1.5, label="true sine")
-            for name, predictions in shown["predictions"].items():
+            for role, predictions in shown["predictions"].items():
                 for n, prediction in zip(steps, predictions[t]):
-                    axis.plot(shown["x"], prediction, color=colours[name],
+                    axis.plot(shown["x"], prediction, color=COLOURS[role],
                               linestyle=":" if n == 1 and len(steps) > 1 else "-", linewidth=1.2,
-                              label=f"{name}, {n} step{'s' * (n > 1)}")
+                              label=f"{report[role]['name']}, {n} step{'s' * (n > 1)}")
             axis.scatter(shown["support_x"][t], shown["support_y"][t], color="tab:blue",
-                         zorder=3, s=18, label=f"K = {setting['shots']} support points")
+                         zorder=3, s=14, label="support points")
             axis.set(xlim=(-5, 5), title=f"K = {setting['shots']}, {report['part']} task {t + 1}")
             axis.title.set_fontsize(9)
+            axis.tick_params(labelsize=7)
             axis.grid(alpha=0.3)
-            if t == 0:
-                axis.legend(fontsize=7, loc="lower left")
-    figure.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8,
+                  frameon=False)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     return figure
