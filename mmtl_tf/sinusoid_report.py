@@ -131,8 +131,9 @@ def _scores(mse: np.ndarray, table_steps) -> dict:
 
 
 def float32_value(value) -> float:
-    """A float32 result as the shortest float that reads back as the same float32: what the
-    adaptation computed, in about 9 digits instead of 17."""
+    """A float32 result as the shortest decimal that ``np.float32`` reads back as the same
+    float32 (about 9 digits instead of 17): the means and intervals are those of
+    ``np.float32(stored values)``."""
     return float(str(np.float32(value)))
 
 
