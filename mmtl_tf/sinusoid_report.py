@@ -97,12 +97,7 @@ def evaluate(model: Scored, baseline: Scored | None, out, protocol: str, part: s
         rows.append(row)
         pictures.append(_pictured(scored, drawn, table_steps))
         if log:
-            log(f"K={k}: " + "; ".join(
-                f"{s.name} " + ", ".join(f"{m:.3f} ± {c:.3f} after {n} step{'s' * (n > 1)}"
-                                         for n, m, c in zip(table_steps, row[role]["mse"],
-                                                            row[role]["mse_ci95"]))
-                for role, s in zip(ROLES, scored)) +
-                f" ({tasks} tasks, {row['seconds']:.0f} s)")
+            log(_progress(row, scored, table_steps))
     report = {"family": "sinusoid", "model": _describe(model), "protocol": protocol,
               "part": part, "scored_on": scored_on, "seed": seed, "tasks": tasks,
               "queries": queries, "table_steps": table_steps, "curve_steps": last,
@@ -114,6 +109,17 @@ def evaluate(model: Scored, baseline: Scored | None, out, protocol: str, part: s
     if log:
         log("\n" + table(report))
     return report
+
+
+def _progress(row: dict, scored, table_steps) -> str:
+    """The line printed for one K: each model's MSE and CI after each of the table's steps."""
+    parts = []
+    for role, s in zip(ROLES, scored):
+        after = [f"{m:.3f} ± {c:.3f} after {n} step{'s' * (n > 1)}"
+                 for n, m, c in zip(table_steps, row[role]["mse"], row[role]["mse_ci95"])]
+        parts.append(f"{s.name} " + ", ".join(after))
+    return (f"K={row['shots']}: " + "; ".join(parts) +
+            f" ({row['tasks']} tasks, {row['seconds']:.0f} s)")
 
 
 def _describe(s: Scored) -> dict:

@@ -2,6 +2,7 @@
 ONNX graphs adapt as TensorFlow does, the report's table honours K and the steps, and the
 shipped exported/sinusoid's model card shows what pipelines/evaluate.py prints for it."""
 
+import dataclasses
 import json
 import re
 import runpy
@@ -85,7 +86,8 @@ def test_the_regression_export_adapts_in_onnxruntime_as_in_tensorflow(tiny_runs,
     folder = tmp_path / "export"
     manifest = export(tiny_runs["sinusoid"], folder, attachments=[note])
     assert manifest["task"] == "regression" and manifest["files"]["notes.md"] == sha256(note)
-    assert {"predict.onnx", "adapt_step.onnx", "params.npz", "model.keras"} <= set(manifest["files"])
+    shipped = {"predict.onnx", "adapt_step.onnx", "params.npz", "model.keras"}
+    assert shipped <= set(manifest["files"])
     learner = load_model(folder).learner
     theta = [tf.convert_to_tensor(p) for p in learner.meta_params]
     steps = 7
@@ -156,6 +158,18 @@ def test_the_table_honours_k_and_the_steps_for_the_model_and_its_baseline(tiny_r
                 got = [row[role]["per_task"][i][t] for i in range(2)]
                 np.testing.assert_allclose(got, [errors[0], errors[3]], rtol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(sr.FILES)
+
+
+def test_a_baseline_adapting_at_another_rate_is_refused_in_one_line(tiny_runs, tmp_path):
+    from mmtl_tf.runs import load_model
+
+    model = load_model(tiny_runs["sinusoid"]).learner
+    other = load_model(tiny_runs["sinusoid-pretrained"]).learner
+    other.config = dataclasses.replace(other.config, inner_lr=0.02)
+    with pytest.raises(ValueError, match="adapts at inner_lr=0.02, the model at 0.01") as err:
+        sr.evaluate(sr.Scored(model, "maml", "a"), sr.Scored(other, "pretrained", "b"), tmp_path,
+                    "protocol", "test", "test tasks", tasks=2)
+    assert "\n" not in str(err.value) and not any(tmp_path.iterdir())
 
 
 def test_tasks_are_a_pure_function_of_seed_and_index_and_the_same_sinusoids_at_every_k():

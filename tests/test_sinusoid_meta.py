@@ -45,7 +45,8 @@ def test_maml_adapts_from_ten_shots_better_than_before_and_than_a_pretrained_bas
     # query MSE after 5 steps on the 10 support points; "pre_loss" is before any step
     assert maml["loss"] < 0.5 * maml["pre_loss"], maml
     assert maml["loss"] < 0.7 * pretrained["loss"], (maml, pretrained)
-    assert np.isfinite(pretrained["loss"]) and pretrained["loss"] < pretrained["pre_loss"], pretrained
+    assert np.isfinite(pretrained["loss"]), pretrained
+    assert pretrained["loss"] < pretrained["pre_loss"], pretrained
 
 
 def _pretrain_learner(inner_lr, inner_steps, seed=4):
@@ -68,7 +69,8 @@ def test_a_pretrain_step_applies_the_plain_regression_gradient(inner_lr, inner_s
     theta = [v.numpy() for v in learner.meta_params]
     with tf.GradientTape() as tape:
         loss = keras.losses.MeanSquaredError()(y, learner(x))
-    expected = [t - 0.1 * g.numpy() for t, g in zip(theta, tape.gradient(loss, learner.meta_params))]
+    grads = tape.gradient(loss, learner.meta_params)
+    expected = [t - 0.1 * g.numpy() for t, g in zip(theta, grads)]
 
     learner.train_on_batch(batch)
     for v, want, start in zip(learner.meta_params, expected, theta):
