@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import signal
+import time
 from pathlib import Path
 
 import keras
@@ -67,13 +68,15 @@ class RunFolder(keras.callbacks.Callback):
 
     ``validate()`` returns the validation report (``evaluate_episodes``); ``prepare()`` runs
     before any state is saved (batch-norm calibration); ``state`` is the record restored from
-    the last checkpoint (best score and its step, evaluations without improvement).
+    the last checkpoint (best score and its step, evaluations without improvement);
+    ``config`` (the run's configuration) goes into every checkpoint's record, so a checkpoint
+    is never resumed under another configuration even when config.json is gone.
     ``monitor``: the validation metric that chooses the best state, "accuracy" (highest) or
     "loss" (lowest: regression); the state keeps it as ``best_<monitor>``."""
 
     def __init__(self, workdir, steps, checkpoint_every, eval_every, patience, validate,
                  signals: StopSignals, inner_lr: float, state: dict, prepare=None,
-                 monitor: str = "accuracy"):
+                 config: dict | None = None, monitor: str = "accuracy"):
         super().__init__()
         if monitor not in MONITORS:
             raise ValueError(f"monitor={monitor!r} is not one of {MONITORS}")
@@ -86,6 +89,7 @@ class RunFolder(keras.callbacks.Callback):
         self.validated = {}  # step -> validation report, this process
         self.stopped = False
         self.period_sums = None  # metric sums of a period cut by a crash, restored once
+        self.config = config  # the run's configuration, stored in every checkpoint's record
 
     def on_epoch_begin(self, epoch, logs=None):
         # fit() has just reset the trackers: a run resumed mid-period continues its sums, so
@@ -130,7 +134,8 @@ class RunFolder(keras.callbacks.Callback):
                 self.model.stop_training = True
 
     def record(self, step):
-        return {"step": step, **self.state}
+        return {"step": step, **self.state,
+                **({"config": self.config} if self.config is not None else {})}
 
     def checkpoint(self, step):
         self.prepare()
@@ -145,8 +150,8 @@ class RunFolder(keras.callbacks.Callback):
 
 class MetricsLog(keras.callbacks.Callback):
     """At the end of each logging period: a row of ``history.csv`` (the step, the period's
-    meta-metrics, the meta learning rate, and the validation accuracy when validation ran at
-    that step), the same scalars for TensorBoard (``<workdir>/tensorboard``), and on request
+    meta-metrics, the meta learning rate, the training wall time so far in ``seconds``, and
+    the validation accuracy when validation ran at that step), the same scalars for TensorBoard (``<workdir>/tensorboard``), and on request
     (``write_curves``) the PNG learning curves. Rows after ``resumed_step`` (written after the
     checkpoint a run resumed from) are dropped, so the history has no gap and no duplicate."""
 
@@ -155,11 +160,20 @@ class MetricsLog(keras.callbacks.Callback):
         self.workdir, self.run = Path(workdir), run
         self.rows = [r for r in read_history(self.workdir) if r["step"] <= resumed_step]
         self.writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
+        self.period_start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.period_start = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
         step = int(self.model.optimizer.iterations)
         row = {"step": step, **{k: float(np.asarray(v).ravel()[0]) for k, v in (logs or {}).items()
                                 if k != "update_dropped"}}
+        # wall time of training so far (validation and checkpoints included): the time of the
+        # kept rows plus this period's; work lost to a crash after the last checkpoint is not
+        # counted twice
+        before = self.rows[-1].get("seconds", 0.0) if self.rows else 0.0
+        row["seconds"] = round(before + time.monotonic() - (self.period_start or time.monotonic()), 1)
         row["meta_lr"] = float(self.model.optimizer.learning_rate)  # the schedule's, now
         if step in self.run.validated:  # also into logs: the progress line shows it
             report = self.run.validated[step]
@@ -171,7 +185,7 @@ class MetricsLog(keras.callbacks.Callback):
         write_history(self.workdir, self.rows)
         with self.writer.as_default(step=step):
             for name, value in row.items():
-                if name != "step":
+                if name not in ("step", "seconds"):
                     tf.summary.scalar(name, value)
         self.writer.flush()
 

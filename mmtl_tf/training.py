@@ -147,7 +147,8 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     step, state = 0, {}
     if (latest := checkpoints.latest(workdir)) is not None:
         record = checkpoints.restore(learner, latest)
-        step, state = record.pop("step"), record
+        step, _ = record.pop("step"), record.pop("config", None)
+        state = record
         if step >= t.steps and (workdir / "metrics.json").is_file():
             print(f"{workdir} holds a finished run of {t.steps} meta-steps; nothing to do")
             return json.loads((workdir / "metrics.json").read_text())
@@ -158,7 +159,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
                     lambda: _validate(learner, validation, also), signals, config.meta.inner_lr,
                     state, prepare=lambda: calibrate_batch_norm(learner, train_sampler,
                                                                 config.data.seed),
-                    monitor=monitor_of(config))
+                    config=config.to_dict(), monitor=monitor_of(config))
     if step % t.log_every:
         run.period_sums = [v.numpy() for v in learner.metrics_variables]
     log = MetricsLog(workdir, run, resumed_step=step)
@@ -201,6 +202,15 @@ def _prepare(config: ExperimentConfig, workdir: Path, overwrite: bool) -> None:
         if differ:
             raise ValueError(f"{workdir} holds a run of another configuration (differs in "
                              f"{', '.join(differ)}); use another --workdir, or --force to start over")
+    # A checkpoint names the configuration that wrote it: checked even without config.json
+    # (deleted, or the folder cleared while a stopping run wrote its last checkpoint).
+    if not overwrite and (latest := checkpoints.latest(workdir)) is not None:
+        written_by = checkpoints.read_record(latest).get("config")
+        differ = written_by and config_differences(written_by, json.loads(config.to_json()))
+        if differ:
+            raise ValueError(f"{latest} was written by a run of another configuration (differs "
+                             f"in {', '.join(differ)}); use another --workdir, or --force to "
+                             "start over")
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(stored, config.to_dict())
 
@@ -259,11 +269,28 @@ def _final_metrics(config, workdir: Path, run: RunFolder, step: int) -> dict:
         metrics.update(part="validation", scored_on=scored_on(config, "validation"),
                        validated_at=last, best_step=run.state["best_step"],
                        **{run.best_key: run.state[run.best_key]}, **run.validated[last])
+        if "pre_accuracy" in metrics:  # what the inner loop adds over the starting head
+            metrics["adaptation_gain"] = metrics["accuracy"] - metrics["pre_accuracy"]
+            if abs(metrics["adaptation_gain"]) < NEGLIGIBLE_GAIN:
+                metrics["note"] = adaptation_note(metrics, config.meta)
+                print(f"note: {metrics['note']}")
     elif run.state.get("best_step") is None:
         metrics["validation"] = ("none: the vinyals protocol has no validation part; score the "
                                  "test characters with pipelines/evaluate.py")
     write_json(workdir / "metrics.json", metrics)
     return metrics
+
+
+NEGLIGIBLE_GAIN = 0.002  # validation accuracy, as a fraction
+
+
+def adaptation_note(metrics: dict, meta) -> str:
+    """The sentence a run ends with when adaptation does not change its validation accuracy."""
+    return (f"adaptation changed validation accuracy by {100 * metrics['adaptation_gain']:+.2f} "
+            f"points ({metrics['pre_accuracy']:.2%} at the starting {meta.head_init} head, "
+            f"{metrics['accuracy']:.2%} after {metrics['inner_steps']} step(s)): at this setting "
+            "the model classifies with its starting head and the inner loop does not matter "
+            "(pipelines/diagnose.py shows each step)")
 
 
 def calibrate_batch_norm(learner, sampler, seed: int, episodes: int = 64) -> None:

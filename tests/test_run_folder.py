@@ -79,7 +79,7 @@ def test_a_sigkilled_run_rerun_ends_where_an_uninterrupted_one_does(tmp_path, un
     assert [r["step"] for r in rows] == [r["step"] for r in want] == [4, 8, 10]
     for got, expected in zip(rows, want):  # a period cut by the kill reports its whole mean
         assert got.keys() == expected.keys()
-        for name in got:
+        for name in set(got) - {"seconds"}:  # wall time differs between processes
             assert got[name] == pytest.approx(expected[name], rel=1e-4), name
 
 
@@ -165,6 +165,8 @@ def test_history_and_tensorboard_carry_the_meta_metrics_and_validation(uninterru
 
     rows = read_history(uninterrupted)
     assert {"loss", "accuracy", "support_loss", "meta_lr", "val_accuracy"} <= set(rows[0])
+    seconds = [r["seconds"] for r in rows]  # training wall time so far: grows with every row
+    assert 0 < seconds[0] and all(a < b for a, b in zip(seconds, seconds[1:]))
     tags = {}
     for event_file in (uninterrupted / "tensorboard").glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(event_file)):
@@ -192,3 +194,35 @@ def test_the_command_line_refuses_bad_input_in_one_line(tmp_path):
     other = run()
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert "holds a run of another configuration (differs in train.meta_lr (0.5 -> 0.001))" in other.stderr
+
+
+def test_a_checkpoint_is_not_resumed_under_another_configuration_without_config_json(tmp_path):
+    """A checkpoint carries the configuration that wrote it: with config.json gone (deleted, or
+    the folder half cleared while a stopping run wrote its last checkpoint), a rerun with other
+    settings is refused naming the fields, instead of continuing the old run as the new one."""
+    from mmtl_tf.training import train
+
+    config = preset("tiny").replace(train={"steps": 2, "checkpoint_every": 2, "eval_every": 0})
+    train(config, tmp_path, verbose=0)
+    (tmp_path / "config.json").unlink()
+    other = config.replace(meta={"inner_lr": 0.2}, train={"steps": 4})
+    with pytest.raises(ValueError, match=r"step-00000002.npz was written by a run of another "
+                       r"configuration \(differs in meta.inner_lr \(0.4 -> 0.2\), train.steps "
+                       r"\(2 -> 4\)\); use another --workdir, or --force"):
+        train(other, tmp_path, verbose=0)
+    longer = config.replace(train={"steps": 2})  # the same configuration resumes
+    assert train(longer, tmp_path, verbose=0)["steps"] == 2
+
+
+def test_a_run_whose_inner_loop_changes_nothing_says_so(tmp_path, capsys):
+    """An inner step too small to move any prediction (here a rate of 1e-9) is not reported as
+    adaptation: the run ends naming the gain over the starting head and what it means."""
+    from mmtl_tf.training import train
+
+    config = preset("tiny").replace(meta={"head_init": "learned", "inner_lr": 1e-9},
+                                    train={"steps": 2, "eval_every": 2, "checkpoint_every": 2})
+    metrics = train(config, tmp_path, verbose=0)
+    assert metrics["adaptation_gain"] == metrics["accuracy"] - metrics["pre_accuracy"]
+    assert abs(metrics["adaptation_gain"]) < 1e-6
+    assert metrics["note"].startswith("adaptation changed validation accuracy by +0.00 points")
+    assert "the inner loop does not matter" in capsys.readouterr().out
