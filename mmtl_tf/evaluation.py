@@ -43,10 +43,12 @@ def accuracy_curve(learner, episodes: Episode, steps: int, batch: int = 16) -> d
     once (the inner loop gives the query outputs after every step; step 0 is the starting head).
 
     ``episodes``: numpy, leading episode axis. Returns {"accuracy": (episodes, steps + 1),
-    "loss": (episodes, steps + 1)} float64 arrays. Episodes run ``batch`` at a time through
-    ``tf.map_fn`` in one traced function (the leading axis is left unknown: no retrace).
+    "loss": (episodes, steps + 1)} float64 arrays; a regression learner's has "loss" only (the
+    query mean squared error). Episodes run ``batch`` at a time through ``tf.map_fn`` in one
+    traced function (the leading axis is left unknown: no retrace).
     """
-    ways = int(episodes.class_ids.shape[-1])
+    regression = learner.task == "regression"
+    ways = 1 if regression else int(episodes.class_ids.shape[-1])
     meta_params = [tf.convert_to_tensor(p) for p in learner.meta_params]
     rates = learner.learning_rates(ways)
 
@@ -56,9 +58,11 @@ def accuracy_curve(learner, episodes: Episode, steps: int, batch: int = 16) -> d
                            first_order=True, query_x=query_x)
         outputs = [il.query_logits(learner.loop, adapted.start, support_x, query_x),
                    *adapted.query_outputs]  # (steps + 1) x (N*Q, N)
+        losses = tf.stack([tf.cast(learner.loop.loss(o, query_y), tf.float32) for o in outputs])
+        if regression:  # no classes to count
+            return tf.zeros([steps + 1], tf.int32), losses
         correct = [tf.equal(tf.argmax(o, -1, output_type=tf.int32), query_y) for o in outputs]
-        return (tf.reduce_sum(tf.cast(tf.stack(correct), tf.int32), axis=1),
-                tf.stack([tf.cast(learner.loop.loss(o, query_y), tf.float32) for o in outputs]))
+        return tf.reduce_sum(tf.cast(tf.stack(correct), tf.int32), axis=1), losses
 
     fields = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
     signature = [tf.TensorSpec([None, *f.shape[1:]], tf.as_dtype(f.dtype)) for f in fields]
@@ -71,9 +75,11 @@ def accuracy_curve(learner, episodes: Episode, steps: int, batch: int = 16) -> d
         c, l = run(*(f[start:start + batch] for f in fields))
         correct.append(c.numpy())
         loss.append(l.numpy())
-    # correct / queries in float64: the same numbers as numpy's mean of the device's hits
-    return {"accuracy": np.concatenate(correct) / episodes.query_y.shape[1],
-            "loss": np.concatenate(loss).astype(np.float64)}
+    result = {"loss": np.concatenate(loss).astype(np.float64)}
+    if not regression:
+        # correct / queries in float64: the same numbers as numpy's mean of the device's hits
+        result["accuracy"] = np.concatenate(correct) / episodes.query_y.shape[1]
+    return result
 
 
 def predicted_labels(learner, episode: Episode, steps: int) -> np.ndarray:

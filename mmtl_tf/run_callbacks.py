@@ -58,6 +58,9 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
+MONITORS = ("accuracy", "loss")
+
+
 class RunFolder(keras.callbacks.Callback):
     """After each meta-step: stop on a signal or a non-finite loss, validate every
     ``eval_every`` steps (keeping the best state), checkpoint every ``checkpoint_every`` steps,
@@ -65,18 +68,23 @@ class RunFolder(keras.callbacks.Callback):
 
     ``validate()`` returns the validation report (``evaluate_episodes``); ``prepare()`` runs
     before any state is saved (batch-norm calibration); ``state`` is the record restored from
-    the last checkpoint (best accuracy and its step, evaluations without improvement);
+    the last checkpoint (best score and its step, evaluations without improvement);
     ``config`` (the run's configuration) goes into every checkpoint's record, so a checkpoint
-    is never resumed under another configuration even when config.json is gone."""
+    is never resumed under another configuration even when config.json is gone.
+    ``monitor``: the validation metric that chooses the best state, "accuracy" (highest) or
+    "loss" (lowest: regression); the state keeps it as ``best_<monitor>``."""
 
     def __init__(self, workdir, steps, checkpoint_every, eval_every, patience, validate,
                  signals: StopSignals, inner_lr: float, state: dict, prepare=None,
-                 config: dict | None = None):
+                 config: dict | None = None, monitor: str = "accuracy"):
         super().__init__()
+        if monitor not in MONITORS:
+            raise ValueError(f"monitor={monitor!r} is not one of {MONITORS}")
         self.workdir, self.steps = Path(workdir), steps
         self.checkpoint_every, self.eval_every, self.patience = checkpoint_every, eval_every, patience
         self.validate, self.signals, self.inner_lr = validate, signals, inner_lr
-        self.state = {"best_accuracy": None, "best_step": None, "stale": 0, **state}
+        self.monitor, self.best_key = monitor, f"best_{monitor}"
+        self.state = {self.best_key: None, "best_step": None, "stale": 0, **state}
         self.prepare, self.on_checkpoint = prepare or (lambda: None), lambda: None
         self.validated = {}  # step -> validation report, this process
         self.stopped = False
@@ -111,17 +119,17 @@ class RunFolder(keras.callbacks.Callback):
 
     def _validate(self, step):
         report = self.validated[step] = self.validate()
-        accuracy, best = report["accuracy"], self.state["best_accuracy"]
-        if best is None or accuracy > best:
-            self.state.update(best_accuracy=accuracy, best_step=step, stale=0)
+        score, best = report[self.monitor], self.state[self.best_key]
+        if best is None or (score > best if self.monitor == "accuracy" else score < best):
+            self.state.update({self.best_key: score, "best_step": step, "stale": 0})
             self.prepare()
             checkpoints.save(self.model, checkpoints.folder(self.workdir) / checkpoints.BEST,
                              self.record(step))
         else:
             self.state["stale"] += 1
             if self.patience and self.state["stale"] >= self.patience:
-                print(f"early stopping at meta-step {step}: validation accuracy has not improved "
-                      f"for {self.patience} evaluations (best {best:.4f} at step "
+                print(f"early stopping at meta-step {step}: validation {self.monitor} has not "
+                      f"improved for {self.patience} evaluations (best {best:.4f} at step "
                       f"{self.state['best_step']})")
                 self.model.stop_training = True
 
@@ -169,7 +177,8 @@ class MetricsLog(keras.callbacks.Callback):
         row["meta_lr"] = float(self.model.optimizer.learning_rate)  # the schedule's, now
         if step in self.run.validated:  # also into logs: the progress line shows it
             report = self.run.validated[step]
-            row["val_accuracy"] = logs["val_accuracy"] = report["accuracy"]
+            name = f"val_{self.run.monitor}"
+            row[name] = logs[name] = report[self.run.monitor]
             for setting, accuracy in report.get("settings", {}).items():
                 row[f"val_{setting}_accuracy"] = logs[f"val_{setting}_accuracy"] = accuracy
         self.rows.append(row)
@@ -211,8 +220,8 @@ def write_curves(path, rows: list[dict]) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     series = lambda name: [(r["step"], r[name]) for r in rows if name in r]  # noqa: E731
-    validation = sorted({k for r in rows for k in r if k.startswith("val_")})
-    for axis, names, label in ((left, ["loss"], "meta-loss (query, after adaptation)"),
+    validation = sorted({k for r in rows for k in r if k.startswith("val_") and k != "val_loss"})
+    for axis, names, label in ((left, ["loss", "val_loss"], "meta-loss (query, after adaptation)"),
                                (right, ["accuracy", "pre_accuracy", *validation], "accuracy")):
         for name in names:
             points = series(name)

@@ -58,7 +58,7 @@ def load_model(path, checkpoint: str = "best") -> Model:
 def evaluate_run(workdir, out=None, part: str = "test", settings=None, queries: int | None = None,
                  episodes: int = 600, seed: int = 2024, steps: int | None = None,
                  curve_steps: int = CURVE_STEPS, export=None, checkpoint: str = "best",
-                 command: str | None = None, log=None) -> dict:
+                 command: str | None = None, log=None, baseline=None) -> dict:
     """Scores a run or an export folder on fixed episodes of one part of its protocol and
     writes the report (``reports.write_report``) to ``out``.
 
@@ -75,6 +75,8 @@ def evaluate_run(workdir, out=None, part: str = "test", settings=None, queries: 
         ``workdir`` always is).
       checkpoint: a run's "best" (validation) or "latest" state.
       log: called with a line of progress per setting.
+      baseline: a sinusoid run or export scored beside the model on the same tasks with the
+        same steps (``sinusoid_report``; a sinusoid model's settings may only give shots).
     Returns the report (also written as evaluation.json).
     """
     from mmtl_tf import reports
@@ -84,10 +86,6 @@ def evaluate_run(workdir, out=None, part: str = "test", settings=None, queries: 
         raise ValueError(f"part={part!r} is unknown; choose 'test' or 'validation'")
     model = load_model(workdir, checkpoint)
     learner, config = model.learner, model.config
-    if config.data.family != "omniglot":
-        raise ValueError(f"{workdir} is a {config.data.family} regression run; the evaluation "
-                         "report scores image classification (its validation loss is in "
-                         "metrics.json)")
     if model.export is not None and out is None:
         raise ValueError(f"{workdir} is an export folder, whose files its manifest hashes; give "
                          "--out, a folder for the report")
@@ -95,6 +93,13 @@ def evaluate_run(workdir, out=None, part: str = "test", settings=None, queries: 
     steps = steps or learner.config.eval_inner_steps
     if steps < 1 or curve_steps < 0:
         raise ValueError(f"steps={steps} must be >= 1 (curve_steps={curve_steps} >= 0)")
+    if config.data.family == "sinusoid":
+        return _evaluate_sinusoid(model, workdir, baseline, out, part, settings, queries,
+                                  episodes, seed, steps, curve_steps, export, checkpoint,
+                                  command, log)
+    if baseline is not None:
+        raise ValueError(f"--baseline compares sinusoid regression models; {workdir} is an "
+                         f"{config.data.family} model")
     chosen = _settings(settings, queries, config, learner.config.max_ways)
     device = _device_model(export if export is not None else model.export)
     batch_norm = ("transductive (query batch statistics)" if learner.config.transductive
@@ -128,6 +133,30 @@ def evaluate_run(workdir, out=None, part: str = "test", settings=None, queries: 
               "seconds": round(time.perf_counter() - started, 1)}
     report["files"] = reports.write_report(out, report, *pictured)
     return report
+
+
+def _evaluate_sinusoid(model, workdir, baseline, out, part, settings, queries, episodes, seed,
+                       steps, curve_steps, export, checkpoint, command, log) -> dict:
+    """``evaluate_run`` for the sinusoid family: query MSE after 1 and ``steps`` steps at
+    K = 5, 10, 20 (or the settings' shots), beside ``baseline`` (``sinusoid_report``)."""
+    from mmtl_tf import sinusoid_report as sr
+
+    if export is not None:
+        raise ValueError("--export scores image classifiers through the device runtime; a "
+                         "sinusoid model is scored with TensorFlow only: drop --export")
+    if any(s.ways or s.within_alphabet or not s.shots for s in settings or ()):
+        raise ValueError("a sinusoid task has no ways or alphabets: give --shots K only")
+    against = None
+    if baseline is not None:
+        other = load_model(baseline, checkpoint)
+        if other.config.data.family != "sinusoid":
+            raise ValueError(f"--baseline {baseline} is an {other.config.data.family} model; "
+                             "give a sinusoid run or export (preset sinusoid-pretrained)")
+        against = sr.Scored(other.learner, other.config.name, str(baseline))
+    shots = tuple(s.shots for s in settings) if settings else sr.SHOTS
+    return sr.evaluate(sr.Scored(model.learner, model.config.name, str(workdir)), against, out,
+                       protocol_of(model.config), part, scored_on(model.config, part), shots,
+                       queries or sr.QUERIES, episodes, seed, steps, curve_steps, command, log)
 
 
 def _settings(settings, queries, config, max_ways: int) -> list[Setting]:

@@ -82,6 +82,12 @@ def episode_sampler(config: ExperimentConfig, part: str):
     return EpisodeSampler(classes, d.ways, d.shots, d.queries, d.within_alphabet, rotations)
 
 
+def monitor_of(config: ExperimentConfig) -> str:
+    """The validation metric that chooses a run's best state: query accuracy (highest) for
+    classification, query mean squared error (lowest) for the sinusoid's regression."""
+    return "loss" if config.data.family == "sinusoid" else "accuracy"
+
+
 def protocol_of(config: ExperimentConfig) -> str:
     """The sentence stated next to every metric: what was meta-trained on, what was tested on."""
     d = config.data
@@ -153,7 +159,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
                     lambda: _validate(learner, validation, also), signals, config.meta.inner_lr,
                     state, prepare=lambda: calibrate_batch_norm(learner, train_sampler,
                                                                 config.data.seed),
-                    config=config.to_dict())
+                    config=config.to_dict(), monitor=monitor_of(config))
     if step % t.log_every:
         run.period_sums = [v.numpy() for v in learner.metrics_variables]
     log = MetricsLog(workdir, run, resumed_step=step)
@@ -262,7 +268,7 @@ def _final_metrics(config, workdir: Path, run: RunFolder, step: int) -> dict:
         last = max(run.validated)
         metrics.update(part="validation", scored_on=scored_on(config, "validation"),
                        validated_at=last, best_step=run.state["best_step"],
-                       best_accuracy=run.state["best_accuracy"], **run.validated[last])
+                       **{run.best_key: run.state[run.best_key]}, **run.validated[last])
         if "pre_accuracy" in metrics:  # what the inner loop adds over the starting head
             metrics["adaptation_gain"] = metrics["accuracy"] - metrics["pre_accuracy"]
             if abs(metrics["adaptation_gain"]) < NEGLIGIBLE_GAIN:

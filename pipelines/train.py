@@ -16,7 +16,8 @@ def main(argv=None):
     parser.add_argument("--workdir", required=True,
                         help="run folder (config, checkpoints, history, TensorBoard, metrics)")
     parser.add_argument("--steps", type=int, help="meta-training steps (default: the preset's)")
-    parser.add_argument("--algorithm", help="maml, fomaml, metasgd, mamlpp, anil or reptile")
+    parser.add_argument("--algorithm", help="maml, fomaml, metasgd, mamlpp, anil, reptile, or "
+                        "pretrain (the regression baseline: no inner loop in training)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a configuration field, e.g. --set train.meta_lr=5e-4 "
                         "--set meta.inner_steps=3 (repeatable; values are JSON or text)")
