@@ -63,7 +63,8 @@ def main(argv=None):
     if best is None:
         raise ValueError(f"no trial of the search completed ({summary['trials']} failed, reasons "
                          f"in {args.workdir}/trials.md); wrote {files}")
-    chosen = ", ".join(f"{n}={best[n]}" for n in sorted(searched))
+    chosen = ", ".join(f"{n}={best[n]:.4g}" if isinstance(best[n], float) else f"{n}={best[n]}"
+                       for n in sorted(searched))
     print(f"best: trial {best['trial']}, validation accuracy {100 * best['val_accuracy']:.1f}% ± "
           f"{100 * best['ci95']:.1f} with {chosen}\nwrote {files} to {args.workdir}")
 

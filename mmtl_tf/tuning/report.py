@@ -18,19 +18,31 @@ OBJECTIVE = "val_accuracy"
 BEST, TABLE_MD, TABLE_CSV, FIGURE = "best_config.json", "trials.md", "trials.csv", "scores.png"
 
 
-def failure_reason(trial) -> str:
-    """Why a trial failed: the last line of KerasTuner's message (its traceback), without the
-    exception's class name."""
+REASON = "failed.txt"  # in a failed trial's folder: why
+
+
+def write_reason(trial_dir, reason: str) -> None:
+    atomic_write(Path(trial_dir) / REASON, lambda f: f.write(reason.encode()))
+
+
+def failure_reason(trial, trial_dir) -> str:
+    """Why a trial failed: the reason its tuner wrote in its folder, else the last line of
+    KerasTuner's message (a traceback) without the exception's class name."""
+    path = Path(trial_dir) / REASON
+    if path.is_file():
+        return path.read_text()
     lines = [line for line in (trial.message or "").splitlines() if line.strip()]
-    return lines[-1].split("FailedTrialError: ", 1)[-1].strip() if lines else "no message"
+    return lines[-1].split("Error: ", 1)[-1].strip() if lines else (
+        f"no reason reached the chief: see the output of the worker that ran it, or {path}")
 
 
 def _metric(trial, name):
     return trial.metrics.get_last_value(name) if trial.metrics.exists(name) else None
 
 
-def rows(trials, names) -> list[dict]:
-    """One dict per trial, completed ones by validation score (best first), then the others."""
+def rows(trials, project, names) -> list[dict]:
+    """One dict per trial, completed ones by validation score (best first), then the others;
+    ``project``: KerasTuner's folder, holding ``trial_<id>/``."""
     out = []
     for t in trials:
         done = t.status == "COMPLETED" and t.score is not None
@@ -40,7 +52,8 @@ def rows(trials, names) -> list[dict]:
                     **{n: t.hyperparameters.values.get(n) for n in names},
                     "meta_steps": steps if (steps := _metric(t, "steps")) is None else int(steps),
                     "seconds": _metric(t, "seconds"),
-                    "note": failure_reason(t) if t.status == "FAILED" else ""})
+                    "note": failure_reason(t, Path(project) / f"trial_{t.trial_id}")
+                    if t.status == "FAILED" else ""})
     return sorted(out, key=lambda r: (r[OBJECTIVE] is None, -(r[OBJECTIVE] or 0), r["trial"]))
 
 
@@ -50,7 +63,7 @@ def short(value) -> str:
     return "" if value is None else str(value)
 
 
-def trial_line(trial) -> str:
+def trial_line(trial, trial_dir) -> str:
     """The line printed when a trial ends."""
     seconds = _metric(trial, "seconds")
     took = f" in {seconds:.0f} s" if seconds is not None else ""
@@ -58,7 +71,7 @@ def trial_line(trial) -> str:
         ci = _metric(trial, OBJECTIVE + "_ci95") or 0.0
         return f"trial {trial.trial_id} done: validation accuracy {100 * trial.score:.1f}% ± " \
                f"{100 * ci:.1f}{took}"
-    return f"trial {trial.trial_id} {trial.status.lower()}: {failure_reason(trial)}"
+    return f"trial {trial.trial_id} {trial.status.lower()}: {failure_reason(trial, trial_dir)}"
 
 
 def best_config(base: ExperimentConfig, values: dict, target: str) -> ExperimentConfig:
@@ -71,10 +84,12 @@ def best_config(base: ExperimentConfig, values: dict, target: str) -> Experiment
     return config.replace(train={"also_validate": also})
 
 
-def write_results(trials, workdir, base: ExperimentConfig, space: dict, setup: dict) -> dict:
-    """Writes the four files into ``workdir``; returns the summary (best trial or None)."""
+def write_results(trials, project, workdir, base: ExperimentConfig, space: dict,
+                  setup: dict) -> dict:
+    """Writes the four files into ``workdir``; returns the summary (best row or None, trial
+    count, files written). ``project``: KerasTuner's folder of the trials."""
     workdir, names = Path(workdir), sorted(space)
-    table = rows(trials, names)
+    table = rows(trials, project, names)
     best = table[0] if table and table[0][OBJECTIVE] is not None else None
     files = [TABLE_MD, TABLE_CSV, FIGURE]
     if best is not None:
@@ -97,8 +112,8 @@ def markdown(table: list[dict], names: list[str], setup: dict) -> str:
     header = ["rank", "trial", "validation accuracy", *names, "meta-steps", "seconds", "note"]
     lines = [f"## Search over {setup['preset']}: {len(table)} trials ({setup['algorithm']}), "
              f"{setup['steps_per_trial']} meta-steps per trial", "",
-             f"Each trial meta-trains the configuration for its meta-steps ({setup['protocol']}) "
-             f"and is scored on {setup['scored_on']}: mean query accuracy after the trial's "
+             f"Protocol: {setup['protocol']}. Each trial meta-trains for its meta-steps and is "
+             f"scored on {setup['scored_on']}: mean query accuracy after the trial's "
              "eval_inner_steps, with its 95% confidence interval over episodes. Fields not "
              "listed are the base configuration's.", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -131,10 +146,11 @@ def figure(table: list[dict], names: list[str], space: dict, setup: dict, path: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     columns = min(4, len(names))
     fig, axes = plt.subplots(math.ceil(len(names) / columns), columns, squeeze=False,
-                             figsize=(3.2 * columns, 2.8 * math.ceil(len(names) / columns)))
+                             figsize=(max(6.0, 3.2 * columns), 0.6 + 2.8 * math.ceil(len(names) / columns)))
     scores = [r[OBJECTIVE] for r in table if r[OBJECTIVE] is not None]
     floor = min(scores, default=0.0) - 0.05
     for axis, name in zip(axes.flat, names):
@@ -154,14 +170,16 @@ def figure(table: list[dict], names: list[str], space: dict, setup: dict, path: 
             axis.set_xticks(range(len(spec.values)), [str(v) for v in spec.values])
         elif spec.scale == "log":
             axis.set_xscale("log")
+            axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded labels
         axis.set_xlabel(name)
         axis.grid(alpha=0.3)
     for axis in axes.flat[len(names):]:
         axis.set_visible(False)
     for row in axes:
         row[0].set_ylabel("validation accuracy")
-    fig.suptitle(f"{setup['preset']}: {len(table)} trials, scored on {setup['target_name']} "
-                 "validation episodes (star: best; x: failed)", fontsize=10)
+    fig.suptitle(f"{setup['preset']}: {len(table)} trials of {setup['steps_per_trial']} meta-steps, "
+                 f"scored on {setup['target_name']} validation episodes\n(star: best; x: failed)",
+                 fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)

@@ -92,14 +92,15 @@ class _Tuner(kt.engine.base_tuner.BaseTuner):
         shown = ", ".join(f"{n}={report.short(v)}" for n, v in values.items() if "/" not in n)
         self.log(f"trial {trial.trial_id} ({self.tuner_id}): {shown}; {steps} meta-steps")
         keras.utils.clear_session()  # the previous trial's traced functions
-        start = time.monotonic()
+        folder, start = Path(self.get_trial_dir(trial.trial_id)), time.monotonic()
         try:
             config = trial_config(self.base, values, steps)
-            metrics = train(config, Path(self.get_trial_dir(trial.trial_id)) / "run", verbose=0)
-        except NonFiniteLossError as err:
-            raise kt.errors.FailedTrialError(f"diverged: {err}") from None
-        except ValueError as err:  # a combination the configuration or the engine refuses
-            raise kt.errors.FailedTrialError(f"refused: {err}") from None
+            metrics = train(config, folder / "run", verbose=0)
+        except (NonFiniteLossError, ValueError) as err:  # diverged, or a refused combination
+            reason = f"{'diverged' if isinstance(err, NonFiniteLossError) else 'refused'}: {err}"
+            # KerasTuner's gRPC messages do not carry a trial's message: the chief reads it here
+            report.write_reason(folder, reason)
+            raise kt.errors.FailedTrialError(reason) from None
         except Exception as err:  # noqa: BLE001 -- re-raised by search()
             raise _SearchStopped(str(err)) from err
         score, ci = trial_score(config, metrics, target_setting(self.base))
@@ -127,7 +128,7 @@ class _Records:
 
     def end_trial(self, trial):
         super().end_trial(trial)
-        self.log(report.trial_line(self.trials[trial.trial_id]))
+        self.log(report.trial_line(self.trials[trial.trial_id], self._get_trial_dir(trial.trial_id)))
 
 
 def _oracle(algorithm: str, trials: int, seed: int, hp, log):
@@ -222,4 +223,5 @@ def search(base: ExperimentConfig, space: dict, workdir, algorithm: str = "bayes
     if role() == "worker":
         log(f"worker {tuner.tuner_id}: no trial left; the chief writes the results")
         return None
-    return report.write_results(list(oracle.trials.values()), workdir, base, space, setup)
+    return report.write_results(list(oracle.trials.values()), workdir / PROJECT, workdir, base,
+                                space, setup)
