@@ -116,7 +116,7 @@ class _Tuner(kt.engine.base_tuner.BaseTuner):
 class _Records:
     """What the three oracles do here beyond KerasTuner's: state files written atomically (a
     kill leaves the previous oracle.json or trial.json, never a torn one), one line per ended
-    trial."""
+    trial. Overrides KerasTuner 1.4's Oracle.save and _save_trial (the version is pinned)."""
 
     log = print
 
@@ -203,7 +203,8 @@ def search(base: ExperimentConfig, space: dict, workdir, algorithm: str = "bayes
     hp = kt.HyperParameters()
     sp.declare(space, hp, base)
     oracle = _oracle(algorithm, trials, seed, hp, log)
-    tuner = _Tuner(oracle, base, steps_per_trial, workdir, overwrite, log)
+    # only the chief (or a lone tuner) clears a search: a worker's KerasTuner would delete it too
+    tuner = _Tuner(oracle, base, steps_per_trial, workdir, overwrite and role() != "worker", log)
     if role() != "worker" and oracle.trials:
         ended, flight = oracle.end_order, sorted(set(oracle.trials) - set(oracle.end_order))
         log(f"resuming the search in {workdir}: {len(ended)} of {trials} trials ended"

@@ -75,7 +75,7 @@ def _typed(value, kind, where: str):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is not type(value) and not (kind is type(None)):
-        raise ValueError(f"{where}: {value!r} is not a {kind.__name__}, as this field is")
+        raise ValueError(f"{where}: {value!r} is not of this field's type ({kind.__name__})")
     return value
 
 
