@@ -154,6 +154,19 @@ class ExperimentConfig:
                    model=build(ModelConfig, d.get("model", {})),
                    meta=build(MetaConfig, d.get("meta", {})), train=build(TrainConfig, d.get("train", {})))
 
+    @classmethod
+    def from_file(cls, path) -> "ExperimentConfig":
+        """The config of a JSON file (a run's config.json, a search's best_config.json);
+        ValueError or FileNotFoundError naming the file if it is not one."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+            if not isinstance(d, dict) or "name" not in d:
+                raise ValueError("not a configuration object with a 'name'")
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path} is not a configuration: {str(err).splitlines()[0]}") from None
+
     def replace(self, **sections) -> "ExperimentConfig":
         """A copy with fields of sections replaced: replace(train={"steps": 10})."""
         changes = {k: dataclasses.replace(getattr(self, k), **v) for k, v in sections.items()}
@@ -210,6 +223,41 @@ PRESETS = {
         meta=MetaConfig(inner_steps=2, eval_inner_steps=2, inner_lr=0.4),
         train=TrainConfig(steps=4, meta_batch_size=4, log_every=2, checkpoint_every=2,
                           eval_every=2, eval_episodes=8)),
+}
+
+
+# ----- The search space of pipelines/tune.py, in the configuration's own names ---------------
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Values from ``low`` to ``high`` (inclusive), sampled on a "linear" or "log" scale;
+    integers when the field is an integer."""
+
+    low: float
+    high: float
+    scale: str = "linear"
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """One of ``values``."""
+
+    values: tuple
+
+
+# What a search varies unless its command line fixes or narrows it (`--set`, `--space`). Each
+# trial is the preset shortened to --steps-per-trial meta-steps and scored on fixed episodes of
+# the validation alphabets in the preset's own setting (ways, shots), whatever ways and shots
+# it trained on. Draws the engine refuses (a zero head with one inner step) fail at once.
+SEARCH_SPACE = {
+    "meta.inner_lr": Range(0.03, 1.0, "log"),
+    "meta.inner_steps": Range(1, 5),
+    "meta.eval_inner_steps": Range(1, 10),
+    "train.meta_lr": Range(1e-4, 1e-2, "log"),
+    "train.meta_batch_size": Choice((4, 8, 16, 32)),
+    "meta.head_init": Choice(("zero", "proto", "learned")),
+    "data.ways": Choice((5, 10, 20)),
+    "data.shots": Choice((1, 5)),
 }
 
 

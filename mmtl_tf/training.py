@@ -175,9 +175,10 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
                 if run.stopped:
                     break
         except tf.errors.InvalidArgumentError as err:
-            if NONFINITE_MARKER in str(err):
-                raise NonFiniteLossError(str(err).split(NONFINITE_MARKER)[-1].split("\n")[0].strip(
-                    " .[]") + f" -- last good checkpoint kept in {checkpoints.folder(workdir)}") from None
+            if NONFINITE_MARKER in str(err):  # tf.debugging.Assert's "[a] [b] [c]" as "a b c"
+                words = str(err).split(NONFINITE_MARKER)[-1].split("\n")[0].split("] [")
+                raise NonFiniteLossError(" ".join(words).strip(" .[]").replace(" )", ")") + " -- last "
+                                         f"good checkpoint kept in {checkpoints.folder(workdir)}") from None
             raise
     step = int(learner.optimizer.iterations)
     log.write_curves()  # with the last period's row, which follows the last checkpoint
@@ -240,11 +241,18 @@ def _periods(step: int, steps: int, log_every: int):
         yield step, log_every, -(-(steps - step) // log_every)
 
 
+def has_validation_part(config: ExperimentConfig) -> bool:
+    """Whether the config's protocol holds validation classes out of meta-training (the
+    vinyals protocol has none: its published numbers choose on the test characters)."""
+    d = config.data
+    return not (d.family == "omniglot" and d.protocol == "vinyals" and not (
+        d.train_split or d.eval_split))
+
+
 def _validation_episodes(config: ExperimentConfig, setting: str | None = None):
     """The fixed validation episodes (of the training setting, or of ``setting`` such as
     "5w1s"), or None for a protocol without a validation part."""
-    if config.data.family == "omniglot" and config.data.protocol == "vinyals" and not (
-            config.data.train_split or config.data.eval_split):
+    if not has_validation_part(config):
         return None
     if setting is not None:
         ways, shots = parse_setting(setting)
@@ -255,9 +263,12 @@ def _validation_episodes(config: ExperimentConfig, setting: str | None = None):
 
 def _validate(learner, validation, also: dict) -> dict:
     """The validation report of the training setting; ``settings`` holds the accuracy of each
-    ``train.also_validate`` setting (logged, never used for selection)."""
+    ``train.also_validate`` setting (logged, never used for selection), ``settings_ci95`` the
+    half-width of its 95% confidence interval."""
     report = evaluate_episodes(learner, validation)
-    report["settings"] = {s: evaluate_episodes(learner, e)["accuracy"] for s, e in also.items()}
+    scores = {s: evaluate_episodes(learner, e) for s, e in also.items()}
+    report["settings"] = {s: r["accuracy"] for s, r in scores.items()}
+    report["settings_ci95"] = {s: r["accuracy_ci95"] for s, r in scores.items()}
     return report
 
 

@@ -1,8 +1,8 @@
 """Meta-train a preset: python pipelines/train.py --preset omniglot-5w1s --workdir runs/5w1s
+or a configuration file: python pipelines/train.py --config runs/tune/best_config.json --workdir runs/best
 
 Rerunning the same command on the same --workdir resumes the run from its last checkpoint."""
 
-import argparse
 import json
 
 from mmtl_tf import cli
@@ -11,8 +11,12 @@ from mmtl_tf import cli
 def main(argv=None):
     from mmtl_tf.config import PRESETS
 
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser = cli.ArgumentParser(description=__doc__)
+    start = parser.add_mutually_exclusive_group(required=True)
+    start.add_argument("--preset", choices=sorted(PRESETS))
+    start.add_argument("--config", metavar="PATH.json",
+                       help="a configuration file instead of a preset (a run's config.json, "
+                       "tune.py's best_config.json); --set and the other flags apply on top")
     parser.add_argument("--workdir", required=True,
                         help="run folder (config, checkpoints, history, TensorBoard, metrics)")
     parser.add_argument("--steps", type=int, help="meta-training steps (default: the preset's)")
@@ -32,7 +36,7 @@ def main(argv=None):
                         help="TensorFlow's start-up messages and full tracebacks")
     args = parser.parse_args(argv)
     cli.quiet_tensorflow(args.verbose)
-    from mmtl_tf.config import apply_overrides, preset
+    from mmtl_tf.config import ExperimentConfig, apply_overrides, preset
     from mmtl_tf.training import make_strategy, train
 
     overrides = list(args.set)
@@ -45,7 +49,8 @@ def main(argv=None):
     for key in ("data_dir", "source_dir"):
         if getattr(args, key):
             overrides.append(f"data.{key}={getattr(args, key)}")
-    config = apply_overrides(preset(args.preset), overrides)
+    base = ExperimentConfig.from_file(args.config) if args.config else preset(args.preset)
+    config = apply_overrides(base, overrides)
     metrics = train(config, args.workdir, overwrite=args.force, strategy=make_strategy(args.strategy))
     print(json.dumps(metrics, indent=2))
 

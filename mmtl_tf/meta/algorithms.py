@@ -17,6 +17,7 @@ ALGORITHMS = ("maml", "fomaml", "metasgd", "mamlpp", "anil", "reptile")
 # config: meta_batch_size tasks of shots + queries points per step, for train.steps steps.
 BASELINES = ("pretrain",)
 LEARNED_LR = ("none", "per_element", "per_layer_per_step")
+HEAD_INITS = ("learned", "zero", "proto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,8 @@ class MetaConfig:
         if self.algorithm not in ALGORITHMS + BASELINES:
             raise ValueError(f"algorithm={self.algorithm!r} is unknown; choose one of "
                              f"{ALGORITHMS + BASELINES}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init={self.head_init!r} is unknown; choose one of {HEAD_INITS}")
         if self.learned_inner_lr not in LEARNED_LR:
             raise ValueError(f"learned_inner_lr={self.learned_inner_lr!r}; choose one of {LEARNED_LR}")
         if self.inner_steps < 1 or self.eval_inner_steps < 1:
