@@ -9,6 +9,7 @@ python pipelines/evaluate.py --workdir exported/sinusoid --baseline exported/sin
     --out reports/sinusoid"""
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -62,4 +63,11 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # One TensorFlow thread per operation, episodes in parallel instead (one per core,
+    # evaluation.accuracy_curve): 1.2x (20-way 5-shot) to 1.7x (5-way 1-shot) faster than the
+    # default pools on this project's shared 2-core machine. TensorFlow reads the variable once,
+    # when it creates its CPU device, so it is set here, before the script imports TensorFlow,
+    # and nowhere else: main() called in a running process (the tests) keeps that process's
+    # threads and raises nothing. A value the user exported wins.
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
     cli.run(main)

@@ -151,3 +151,20 @@ def test_a_folder_that_is_not_a_run_is_one_line_and_a_nonzero_exit(tmp_path, cap
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1
     assert f"{tmp_path} is neither a training run" in err
+
+
+def test_a_table_with_no_task_within_max_ways_is_one_line_and_a_nonzero_exit(tmp_path, capsys):
+    from mmtl_tf import checkpoints
+    from mmtl_tf.config import preset
+    from mmtl_tf.training import build_learner
+
+    config = preset("tiny").replace(data={"ways": 3}, meta={"max_ways": 4})  # no data read
+    (tmp_path / "config.json").write_text(config.to_json())
+    checkpoints.save(build_learner(config), checkpoints.folder(tmp_path) / checkpoints.BEST,
+                     {"step": 0})
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(_evaluate_main(), ["--workdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert ("every task of the table has more ways than the model's max_ways=4; choose one "
+            "with --ways <= 4 --shots K") in err
