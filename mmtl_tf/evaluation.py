@@ -91,10 +91,14 @@ def accuracy_curve(learner, episodes: Episode, steps: int, batch: int = 16) -> d
 
 
 def predicted_labels(learner, episode: Episode, steps: int) -> np.ndarray:
-    """Predicted query labels (N*Q,) of one episode (no episode axis) after ``steps`` steps."""
+    """Predicted query labels (N*Q,) of one episode (no episode axis) after exactly ``steps``
+    steps: the table's and the curve's protocol, not the best step a user's ``adapt`` keeps."""
     ways = int(episode.class_ids.shape[-1])
-    params = learner.adapt(episode.support_x, episode.support_y, ways, steps)
-    logits = learner.predict_adapted(params, episode.query_x, episode.support_x)
+    meta_params = [tf.convert_to_tensor(p) for p in learner.meta_params]
+    adapted = il.adapt(learner.loop, meta_params, tf.convert_to_tensor(episode.support_x),
+                       tf.convert_to_tensor(episode.support_y), ways, steps,
+                       learner.learning_rates(ways), first_order=True)
+    logits = learner.predict_adapted(adapted.params, episode.query_x, episode.support_x)
     return np.argmax(np.asarray(logits), axis=-1)
 
 

@@ -185,8 +185,9 @@ def _device_model(folder):
         return None
     from mmtl_tf import ondevice
 
-    # One onnxruntime thread: its default pool spins on the small graphs of one episode, and on
-    # this project's shared 2-core machine scored 5-way 1-shot episodes 5x slower (58 vs 12 ms).
+    # One onnxruntime thread: its default pool spins on the small graphs of one episode. On this
+    # project's 2-core machine, with another job on one core, device_accuracies took 14-15 ms
+    # per 5-way 1-shot episode on one thread and 93-156 ms with the default pool (2 Dec).
     return ondevice.load(folder, threads=1)
 
 
