@@ -21,6 +21,7 @@ from mmtl_tf.files import atomic_write
 
 HISTORY = "history.csv"
 CURVES = "curves.png"
+TENSORBOARD = "tensorboard"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -151,15 +152,18 @@ class RunFolder(keras.callbacks.Callback):
 class MetricsLog(keras.callbacks.Callback):
     """At the end of each logging period: a row of ``history.csv`` (the step, the period's
     meta-metrics, the meta learning rate, the training wall time so far in ``seconds``, and
-    the validation accuracy when validation ran at that step), the same scalars for TensorBoard (``<workdir>/tensorboard``), and on request
-    (``write_curves``) the PNG learning curves. Rows after ``resumed_step`` (written after the
-    checkpoint a run resumed from) are dropped, so the history has no gap and no duplicate."""
+    the validation accuracy when validation ran at that step), the same scalars for
+    TensorBoard (``<workdir>/tensorboard``), and on request (``write_curves``) the PNG learning
+    curves. Rows after ``resumed_step`` (written after the checkpoint a run resumed from) are
+    dropped, so the history has no gap and no duplicate; the TensorBoard events are rewritten
+    from the rows kept (``tensorboard_writer``), so the steps the resumed run logs again
+    appear once there too."""
 
     def __init__(self, workdir, run: RunFolder, resumed_step: int = 0):
         super().__init__()
         self.workdir, self.run = Path(workdir), run
         self.rows = [r for r in read_history(self.workdir) if r["step"] <= resumed_step]
-        self.writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
+        self.writer = tensorboard_writer(self.workdir / TENSORBOARD, self.rows)
         self.period_start = None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -183,10 +187,7 @@ class MetricsLog(keras.callbacks.Callback):
                 row[f"val_{setting}_accuracy"] = logs[f"val_{setting}_accuracy"] = accuracy
         self.rows.append(row)
         write_history(self.workdir, self.rows)
-        with self.writer.as_default(step=step):
-            for name, value in row.items():
-                if name not in ("step", "seconds"):
-                    tf.summary.scalar(name, value)
+        write_scalars(self.writer, row)
         self.writer.flush()
 
     def write_curves(self):
@@ -209,6 +210,35 @@ def write_history(workdir, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(Path(workdir) / HISTORY, lambda f: f.write(text.getvalue().encode()))
+
+
+def write_scalars(writer, row: dict) -> None:
+    """A history row's values as TensorBoard scalars at its step (its training wall time,
+    ``seconds``, stays in history.csv: rewritten events carry the time of their rewriting)."""
+    with writer.as_default(step=row["step"]):
+        for name, value in row.items():
+            if name not in ("step", "seconds"):
+                tf.summary.scalar(name, value)
+
+
+def tensorboard_writer(folder, rows: list[dict]):
+    """A summary writer on ``folder`` whose events are exactly the scalars of ``rows``
+    (history.csv's, as kept when a run starts or resumes), in one new events file; the events
+    files there before are removed once it is written. A run killed after its last checkpoint
+    has logged steps that its rerun logs again, and TensorBoard would draw both points (TF2's
+    summary writers cannot write TF1's SessionLog.START, the restart mark that makes it drop
+    them); so those events go, as their history rows do. An interruption in between leaves a
+    rerun's duplicates or an old file, which the next rerun removes in turn: history.csv,
+    written atomically, is the record."""
+    folder = Path(folder)
+    previous = sorted(folder.glob("events.out.tfevents.*"))
+    writer = tf.summary.create_file_writer(str(folder))
+    for row in rows:
+        write_scalars(writer, row)
+    writer.flush()
+    for path in previous:
+        path.unlink()
+    return writer
 
 
 def write_curves(path, rows: list[dict]) -> None:

@@ -28,11 +28,10 @@ from mmtl_tf.files import atomic_write
 from mmtl_tf.meta.learner import NONFINITE_MARKER, MetaLearner
 from mmtl_tf.models.conv4 import conv4_encoder, mlp_encoder
 from mmtl_tf.preprocessing import Preprocessing
-from mmtl_tf.run_callbacks import (MetricsLog, NonFiniteLossError, RunFolder, StopSignals,
-                                   TrainingInterrupted)
+from mmtl_tf.run_callbacks import (CURVES, HISTORY, TENSORBOARD, MetricsLog, NonFiniteLossError,
+                                   RunFolder, StopSignals, TrainingInterrupted)
 
-RUN_FILES = ("config.json", "metrics.json", "history.csv", "curves.png", checkpoints.FOLDER,
-             "tensorboard")
+RUN_FILES = ("config.json", "metrics.json", HISTORY, CURVES, checkpoints.FOLDER, TENSORBOARD)
 WHERE_DATA_IS = ("data_dir", "source_dir")  # where data is found does not change a run
 
 

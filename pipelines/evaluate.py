@@ -9,6 +9,7 @@ python pipelines/evaluate.py --workdir exported/sinusoid --baseline exported/sin
     --out reports/sinusoid"""
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -62,4 +63,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # One TensorFlow thread per operation, episodes in parallel instead (one per core,
+    # evaluation.accuracy_curve): on this project's 2-core machine with another job on one core,
+    # 5-way 1-shot took 84 s against 100 s with the default pools, 20-way 1-shot 151 s against
+    # 152 s (README, "Evaluating"). TensorFlow reads the variable once, when it creates its CPU
+    # device, so it is set here, before the script imports TensorFlow, and nowhere else: main()
+    # called in a running process (the tests) keeps that process's threads and raises nothing.
+    # A value already in the environment wins.
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
     cli.run(main)
