@@ -109,7 +109,7 @@ def evaluate_episodes(learner, episodes: Episode, steps: int | None = None,
     Returns per-metric means and, for each, the half-width of the 95% confidence interval over
     episodes (1.96 standard errors), e.g. {"accuracy": 0.93, "accuracy_ci95": 0.01, ...}.
     """
-    steps = steps or learner.config.eval_inner_steps
+    steps = learner.config.eval_inner_steps if steps is None else steps
     total = len(episodes.support_x)
     run = tf.function(lambda e: learner.task_metrics(e, steps))
     collected: dict[str, list] = {}

@@ -86,9 +86,9 @@ def evaluate_run(workdir, out=None, part: str = "test", settings=None, queries: 
         raise ValueError(f"part={part!r} is unknown; choose 'test' or 'validation'")
     model = load_model(workdir, checkpoint)
     out = _report_folder(model, workdir, out, part)
-    steps = steps or model.learner.config.eval_inner_steps
-    if steps < 1 or curve_steps < 0:
-        raise ValueError(f"steps={steps} must be >= 1 (curve_steps={curve_steps} >= 0)")
+    steps = model.learner.config.eval_inner_steps if steps is None else steps
+    if steps < 0 or curve_steps < 0:
+        raise ValueError(f"steps={steps} must be >= 0 (curve_steps={curve_steps} >= 0)")
     if model.config.data.family == "sinusoid":
         return _evaluate_sinusoid(model, workdir, baseline, out, part, settings, queries,
                                   episodes, seed, steps, curve_steps, export, checkpoint,

@@ -63,7 +63,7 @@ def _device(kind, args):
 
         return device_latency(args.device, ways, shots, steps=args.steps)
     b.pin_to_one_core()
-    steps = args.steps or json.loads((Path(args.device) / "manifest.json").read_text())["default_steps"]
+    steps = args.steps if args.steps is not None else json.loads((Path(args.device) / "manifest.json").read_text())["default_steps"]
     return b.tensorflow_adapt_latency(args.device, ways, shots, steps)
 
 

@@ -25,6 +25,9 @@ def main(argv=None):
                         "others (an evaluation report, a plot); repeatable")
     parser.add_argument("--checkpoint", default="best", choices=["best", "latest"],
                         help="the run's state with the best validation accuracy, or its last")
+    parser.add_argument("--default-steps", type=int, metavar="N",
+                        help="adaptation steps the export applies by default (the run's "
+                        "meta.eval_inner_steps unless given; 0: the initial head alone)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--verbose", action="store_true",
                         help="TensorFlow's start-up messages and full tracebacks")
@@ -37,7 +40,7 @@ def main(argv=None):
         checkpoint = args.checkpoint if args.workdir else "best"  # a rebuilt run has one state
         manifest = export(workdir, args.out, force=args.force, max_shots=args.max_shots,
                           model_card=args.model_card, checkpoint=checkpoint,
-                          attachments=args.attach)
+                          attachments=args.attach, default_steps=args.default_steps)
     print(json.dumps({"out": args.out, "files": manifest["files"]}, indent=2))
 
 

@@ -11,6 +11,7 @@ from mmtl_tf.run_callbacks import read_history
 def test_the_flagship_is_a_way_agnostic_proto_maml_of_20_way_tasks_validated_on_5w1s_too():
     config = preset("omniglot")
     assert (config.meta.head_init, config.meta.transductive) == ("proto", False)
+    assert config.meta.eval_inner_steps == 0, "adaptation: the prototype head, chosen on validation"
     assert (config.data.ways, config.data.shots, config.data.rotations) == (20, 1, True)
     assert config.data.protocol == "background" and not (config.data.train_split or config.data.eval_split)
     assert 0 < config.meta.first_order_until < config.train.steps  # both orders are used

@@ -7,6 +7,7 @@ so a reader never sees a half-written export; an existing folder is replaced onl
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -25,12 +26,16 @@ FORMAT_VERSION = 1
 
 
 def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | None = None,
-           model_card=None, checkpoint: str = "best", attachments=()) -> dict:
+           model_card=None, checkpoint: str = "best", attachments=(),
+           default_steps: int | None = None) -> dict:
     """Exports the training run in ``workdir`` to the folder ``out``. Returns the manifest.
 
     ``model_card``: a Markdown file copied in as MODEL_CARD.md (hashed like every file);
     ``checkpoint``: the run's "best" (by validation) or "latest" state; ``attachments``: more
-    files (an evaluation report, its plots) copied in under their own names and hashed.
+    files (an evaluation report, its plots) copied in under their own names and hashed;
+    ``default_steps``: the adaptation steps the export applies when a device asks for none (the
+    run's ``eval_inner_steps`` when None), for a choice made on validation after training
+    (``pipelines/diagnose.py``); the export's config.json, model.keras and manifest all carry it.
     A regression learner (the sinusoid) is exported by ``mmtl_tf.export.regression``: its
     parameters, model.keras and the predict and adapt_step graphs (no SavedModel, no device
     runtime graphs; ``max_shots`` does not apply).
@@ -45,6 +50,10 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | N
                               "replace it")
     _check_attachments(attachments)
     learner, config = load_learner(workdir, checkpoint)
+    if default_steps is not None:
+        learner.config = dataclasses.replace(learner.config, eval_inner_steps=default_steps)
+        config = dataclasses.replace(config, meta=dataclasses.replace(
+            config.meta, eval_inner_steps=default_steps))
     if max_shots < 1:
         raise ValueError(f"max_shots={max_shots} must be >= 1")
     if learner.task == "regression":
@@ -59,9 +68,9 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | N
         learner.save(tmp / "model.keras")
         if model_card is not None:
             shutil.copyfile(model_card, tmp / "MODEL_CARD.md")
-        for name in ("config.json", "metrics.json"):
-            if (Path(workdir) / name).is_file():
-                shutil.copyfile(Path(workdir) / name, tmp / name)
+        (tmp / "config.json").write_text(config.to_json())
+        if (Path(workdir) / "metrics.json").is_file():
+            shutil.copyfile(Path(workdir) / "metrics.json", tmp / "metrics.json")
         for path in map(Path, attachments):
             if (tmp / path.name).exists():
                 raise ValueError(f"the attachment {path} has the name of an exported file; "

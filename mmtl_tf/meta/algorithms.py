@@ -28,7 +28,8 @@ class MetaConfig:
       algorithm: one of ALGORITHMS, or a baseline of BASELINES; ``resolve`` sets the switches
         that define it.
       inner_steps: SGD steps on the support set during meta-training.
-      eval_inner_steps: steps at evaluation and adaptation time (often more than in training).
+      eval_inner_steps: steps at evaluation and adaptation time (often more than in training; 0
+        predicts with the initial head, e.g. the prototype head, without a gradient step).
       inner_lr: inner SGD learning rate (the initial value when it is learned).
       first_order: drop second-order terms of the meta-gradient (FOMAML).
       learned_inner_lr: "none", "per_element" (Meta-SGD: one rate per parameter element) or
@@ -73,9 +74,13 @@ class MetaConfig:
             raise ValueError(f"head_init={self.head_init!r} is unknown; choose one of {HEAD_INITS}")
         if self.learned_inner_lr not in LEARNED_LR:
             raise ValueError(f"learned_inner_lr={self.learned_inner_lr!r}; choose one of {LEARNED_LR}")
-        if self.inner_steps < 1 or self.eval_inner_steps < 1:
-            raise ValueError(f"inner_steps={self.inner_steps} and eval_inner_steps="
-                             f"{self.eval_inner_steps} must be >= 1")
+        if self.inner_steps < 1 or self.eval_inner_steps < 0:
+            raise ValueError(f"inner_steps={self.inner_steps} must be >= 1 and eval_inner_steps="
+                             f"{self.eval_inner_steps} >= 0")
+        if self.eval_inner_steps == 0 and self.head_init == "zero":
+            raise ValueError("eval_inner_steps=0 with head_init='zero' predicts every class alike "
+                             "(the head never leaves zero); adapt at least one step or use "
+                             "head_init='proto'")
         if not self.inner_lr > 0:
             raise ValueError(f"inner_lr={self.inner_lr} must be positive")
         if self.max_ways < 2:

@@ -390,7 +390,7 @@ class MetaLearner(keras.Model):
         if self.task == "classification" and not 2 <= int(ways) <= self.config.max_ways:
             raise ValueError(f"ways={int(ways)} is outside 2..max_ways={self.config.max_ways}: "
                              "give at least two classes, or meta-train with a larger max_ways")
-        steps = steps or self.config.eval_inner_steps
+        steps = self.config.eval_inner_steps if steps is None else steps
         meta_params = [tf.convert_to_tensor(p) for p in self.meta_params]
         adapted = il.adapt(self.loop, meta_params, tf.convert_to_tensor(support_x), support_y,
                            ways, steps, self.learning_rates(ways), True)
