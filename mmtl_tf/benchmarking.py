@@ -90,17 +90,16 @@ def meta_train_throughput(first_order: bool, meta_batch_size: int = 32, ways: in
 
 
 
-def engine_fractions(meta_batch_size: int = 32, ways: int = 5, shots: int = 1, queries: int = 15,
-                     inner_lr: float = 0.4, rounds: int = 5) -> dict:
-    """The meta-step as a fraction of the per-task ceiling, all timed in this one process.
+def engine_steps(meta_batch_size: int = 32, ways: int = 5, shots: int = 1, queries: int = 15,
+                 inner_lr: float = 0.4) -> dict:
+    """The four steps that ``engine_fractions`` times, as callables on one random meta-batch.
 
-    Four steps on the same random meta-batch, timed in turn for ``rounds`` rounds (so a machine
-    that slows down slows all four alike): MetaLearner's second- and first-order train steps
-    (the peers' configuration: learned head, one inner step, Adam) and two plain gradients of
-    the encoder and a dense head over the meta-batch's images with shared weights: the
-    per-task ceiling (each task's ``ways * (shots + queries)`` images as one batch, tasks
-    through ``tf.map_fn`` with each task's gradient taken inside the map, summed) and the
-    batched one (all images in one batch). Fractions are medians of each round's ratio.
+    ``second_order`` and ``first_order``: MetaLearner's train steps in the peers' configuration
+    (learned head, one inner step, Adam); ``per_task_ceiling`` and ``batched_ceiling``: plain
+    gradients of the encoder and a dense head over the meta-batch's images with shared weights,
+    each task's ``ways * (shots + queries)`` images as one batch through ``tf.map_fn`` (each
+    task's gradient taken inside the map, summed), or all images in one batch. Each call runs
+    one step; nothing is traced until the first call.
     """
     import keras
     import tensorflow as tf
@@ -122,6 +121,20 @@ def engine_fractions(meta_batch_size: int = 32, ways: int = 5, shots: int = 1, q
     images = tf.concat([batch.support_x, batch.query_x], 1)  # (tasks, ways*(shots+queries), 28, 28, 1)
     labels = tf.concat([batch.support_y, batch.query_y], 1)
     steps.update(_ceiling_steps(images, labels, ways))
+    return steps
+
+
+def engine_fractions(meta_batch_size: int = 32, ways: int = 5, shots: int = 1, queries: int = 15,
+                     inner_lr: float = 0.4, rounds: int = 5) -> dict:
+    """The meta-step as a fraction of the per-task ceiling, all timed in this one process.
+
+    The four steps of ``engine_steps`` on the same random meta-batch, timed in turn for
+    ``rounds`` rounds (so a machine that slows down slows all four alike). Fractions are
+    medians of each round's ratio.
+    """
+    import tensorflow as tf
+
+    steps = engine_steps(meta_batch_size, ways, shots, queries, inner_lr)
     for step in steps.values():  # tracing and a warm-up step
         step(), step()
     seconds = {name: [] for name in steps}

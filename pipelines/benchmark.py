@@ -6,6 +6,9 @@
                                                        # and batched) and each meta-step as a
                                                        # fraction of the per-task ceiling
   python pipelines/benchmark.py --engine --peers-python ~/peer-venv/bin/python   # + PyTorch peers
+  python pipelines/benchmark.py --engine-profile       # TensorFlow's profiler: ms per op type of
+                                                       # the per-task ceiling and both meta-steps,
+                                                       # and each step's excess over the ceiling
   python pipelines/benchmark.py --device exported/omniglot-5w1s   # adapt + predict latency
 
 Every measurement runs in a fresh process; --out also writes the JSON to a file. The fractions
@@ -40,6 +43,11 @@ def measure(kind: str, args) -> dict:
         ways, shots, queries = {"data-5w1s": (5, 1, 15), "data-20w5s": (20, 5, 15)}[kind]
         return {"benchmark": "episodes", "cores": 1, "split": "omniglot background",
                 **b.episode_throughput(classes, ways, shots, queries)}
+    if kind == "engine-profile":
+        from mmtl_tf.profiling import engine_profile
+
+        return {"benchmark": "engine-profile", "cores": "all",
+                **engine_profile(meta_batch_size=args.meta_batch_size, rounds=args.reps)}
     if kind == "engine-fractions":
         return {"benchmark": "fractions-of-per-task-ceiling", "cores": "all",
                 **b.engine_fractions(meta_batch_size=args.meta_batch_size, rounds=args.reps)}
@@ -85,6 +93,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", action="store_true", help="episode pipeline throughput")
     parser.add_argument("--engine", action="store_true", help="meta-training throughput")
+    parser.add_argument("--engine-profile", action="store_true",
+                        help="op time by type of the ceiling and the meta-steps (--reps rounds)")
     parser.add_argument("--device", help="an export folder: on-device adapt + predict latency, "
                         "one core, onnxruntime and TensorFlow")
     parser.add_argument("--steps", type=int, help="adaptation steps for --device (default: manifest)")
@@ -99,8 +109,8 @@ def main(argv=None):
     if args.measure:
         print(json.dumps(measure(args.measure, args)))
         return
-    if not (args.data or args.engine or args.device):
-        parser.error("choose at least one of --data, --engine, --device")
+    if not (args.data or args.engine or args.engine_profile or args.device):
+        parser.error("choose at least one of --data, --engine, --engine-profile, --device")
     results = []
     if args.data:
         results += [child("data-5w1s", args), child("data-20w5s", args)]
@@ -112,6 +122,8 @@ def main(argv=None):
                     child("engine-fractions", args)]
         if args.peers_python:
             results += _peers(args, results)
+    if args.engine_profile:
+        results.append(child("engine-profile", args))
     text = json.dumps({"results": results}, indent=2)
     print(text)
     if args.out:

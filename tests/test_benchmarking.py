@@ -34,3 +34,29 @@ def test_gradient_count_is_three_forwards_without_the_first_input_gradient():
     counts = gradient_flops(encoder, 5)
     assert counts["forward_per_image"] == first + 2 * 64 * 9 * 64 * (7 * 7 + 4 * 4 + 2 * 2) + 2 * 256 * 5
     assert counts["gradient_per_image"] == 3 * counts["forward_per_image"] - first
+
+
+def test_profile_finds_the_one_matmul_of_a_known_graph_and_its_times_add_up():
+    from mmtl_tf.profiling import profile_op_times
+
+    spec = tf.TensorSpec((384, 384))
+    step = tf.function(lambda a, b: tf.matmul(a, b) * 3.0, input_signature=[spec, spec])
+    a, b = tf.random.normal((384, 384), seed=1), tf.random.normal((384, 384), seed=2)
+    step(a, b)  # tracing stays out of the profile
+    profile = profile_op_times(lambda: step(a, b), steps=3)
+    assert profile["calls_per_step_by_type"]["MatMul"] == 1  # oneDNN's _MklMatMul, named as its op
+    assert profile["calls_per_step_by_type"]["Mul"] == 1
+    # a 384^3 multiply-add dominates one element-wise multiply of its result
+    assert profile["op_ms_by_type"]["MatMul"] > profile["op_ms_by_type"]["Mul"]
+    assert sum(profile["op_ms_by_type"].values()) == pytest.approx(profile["op_ms_per_step"], rel=1e-9)
+    # op time is kernel time on the executor threads: never more than they had
+    assert 0 < profile["op_ms_per_step"] <= profile["executor_threads"] * profile["wall_ms_per_step"]
+
+
+@pytest.mark.parametrize("kernel, op", [("_MklNativeFusedBatchNormGradV3", "FusedBatchNormGradV3"),
+                                        ("_MklMatMul", "MatMul"), ("Tile", "Tile"),
+                                        ("_FusedConv2D", "_FusedConv2D")])
+def test_onednn_kernels_are_reported_under_their_op_type(kernel, op):
+    from mmtl_tf.profiling import op_type
+
+    assert op_type(kernel) == op
