@@ -6,7 +6,7 @@
                                                        # and batched) and each meta-step as a
                                                        # fraction of the per-task ceiling
   python pipelines/benchmark.py --engine --peers-python ~/peer-venv/bin/python   # + PyTorch peers
-  python pipelines/benchmark.py --device exported/omniglot-5w1s   # adapt + predict latency
+  python pipelines/benchmark.py --device exported/omniglot   # adapt + predict latency
 
 Every measurement runs in a fresh process; --out also writes the JSON to a file. The fractions
 are timed in one process, the four steps in turn, so the machine's drift hits them alike. The
