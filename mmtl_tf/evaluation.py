@@ -33,10 +33,11 @@ class Setting(typing.NamedTuple):
 
 
 # The anchors' Omniglot table (MAML, Proto-MAML, MAML++ papers): 5-way and 20-way, 1 and 5 shots,
-# and 20-way within one alphabet. 15 queries per class at 5 ways; 5 at 20 ways, where 20
-# drawings per character leave 20 - K, and 100 queries already bound the CI.
+# and 5-way and 20-way 1-shot within one alphabet (the case closest to a user's own symbols).
+# 15 queries per class at 5 ways; 5 at 20 ways, where 20 drawings per character leave 20 - K,
+# and 100 queries already bound the CI.
 ANCHOR_SETTINGS = (Setting(5, 1, 15), Setting(5, 5, 15), Setting(20, 1, 5), Setting(20, 5, 5),
-                   Setting(20, 1, 5, within_alphabet=True))
+                   Setting(5, 1, 15, within_alphabet=True), Setting(20, 1, 5, within_alphabet=True))
 
 
 def batch_norm_mode(transductive: bool) -> str:

@@ -1,6 +1,6 @@
 """Personalise an exported model on this machine, without TensorFlow, and classify images:
 
-  python pipelines/adapt_on_device.py --model exported/omniglot-5w1s --support my_classes \\
+  python pipelines/adapt_on_device.py --model exported/omniglot --support my_classes \\
       --query photos/ [more.png ...] [--steps K] [--save me.personal] [--json]
 
 --support holds one subfolder of images per class (the folder name is the class name).

@@ -9,7 +9,7 @@
   python pipelines/benchmark.py --engine-profile       # TensorFlow's profiler: ms per op type of
                                                        # the per-task ceiling and both meta-steps,
                                                        # and each step's excess over the ceiling
-  python pipelines/benchmark.py --device exported/omniglot-5w1s   # adapt + predict latency
+  python pipelines/benchmark.py --device exported/omniglot   # adapt + predict latency
 
 Every measurement runs in a fresh process; --out also writes the JSON to a file. The fractions
 are timed in one process, the four steps in turn, so the machine's drift hits them alike. The

@@ -1,8 +1,8 @@
 """Score a training run or an export folder on the evaluation protocol and write the report
 (evaluation.json, evaluation.md, curves.png, episode.png):
-python pipelines/evaluate.py --workdir runs/omniglot-5w1s           # the five-task table
-python pipelines/evaluate.py --workdir exported/omniglot-5w1s --out reports/omniglot-5w1s
-python pipelines/evaluate.py --workdir runs/omniglot-5w1s --ways 20 --shots 1 --steps 10
+python pipelines/evaluate.py --workdir runs/omniglot                # the six-task table
+python pipelines/evaluate.py --workdir exported/omniglot --out reports/omniglot
+python pipelines/evaluate.py --workdir runs/omniglot --ways 20 --shots 1 --steps 10
 A sinusoid model: mean squared error after 1 and 10 steps at K = 5, 10, 20 support points,
 beside a baseline adapted the same way (evaluation.json, evaluation.md, curves.png, tasks.png):
 python pipelines/evaluate.py --workdir exported/sinusoid --baseline exported/sinusoid-pretrained \
@@ -26,8 +26,8 @@ def main(argv=None):
     parser.add_argument("--part", default="test", choices=["test", "validation"],
                         help="test characters (the final score) or the validation alphabets "
                         "(where steps, rates and checkpoints are chosen)")
-    parser.add_argument("--ways", type=int, help="score this N only (default: the five-task table)")
-    parser.add_argument("--shots", type=int, help="score this K only (default: the five-task table)")
+    parser.add_argument("--ways", type=int, help="score this N only (default: the six-task table)")
+    parser.add_argument("--shots", type=int, help="score this K only (default: the six-task table)")
     parser.add_argument("--within-alphabet", action="store_true",
                         help="with --ways/--shots: all classes of an episode from one alphabet")
     parser.add_argument("--queries", type=int, help="queries per class (default: 15 at 5 ways, "

@@ -1,8 +1,8 @@
 """Export a training run for devices:
-python pipelines/export.py --workdir runs/omniglot-5w1s --out exported/omniglot-5w1s
+python pipelines/export.py --workdir runs/omniglot --out exported/omniglot
 or again from an export's own model.keras (same weights), when its run folder is gone:
-python pipelines/export.py --from-export exported/omniglot-5w1s --out exported/omniglot-5w1s \
-    --model-card exported/omniglot-5w1s/MODEL_CARD.md --force"""
+python pipelines/export.py --from-export exported/omniglot --out exported/omniglot \
+    --model-card exported/omniglot/MODEL_CARD.md --force"""
 
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""Meta-train a preset: python pipelines/train.py --preset omniglot-5w1s --workdir runs/5w1s
+"""Meta-train a preset: python pipelines/train.py --preset omniglot --workdir runs/omniglot
 or a configuration file: python pipelines/train.py --config runs/tune/best_config.json --workdir runs/best
 
 Rerunning the same command on the same --workdir resumes the run from its last checkpoint."""

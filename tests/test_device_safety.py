@@ -33,7 +33,7 @@ from mmtl_tf.ondevice import support as support_set
 from mmtl_tf.ondevice.personalize import personalize
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "exported" / "omniglot-5w1s"
+SHIPPED = REPO / "exported" / "omniglot"
 
 
 @pytest.fixture(scope="module")

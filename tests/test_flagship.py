@@ -1,6 +1,9 @@
 """The flagship preset `omniglot`: it resolves to what its model card describes and runs end to
 end (train with validation, both derivative orders, checkpoint, resume) on a tiny budget."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -49,3 +52,34 @@ def test_the_flagship_preset_trains_validates_and_resumes_on_a_tiny_budget(omnig
     assert train(config, tmp_path / "run", verbose=0)["steps"] == 4
     with pytest.raises(ValueError, match="holds a run of another configuration"):
         train(config.replace(meta={"inner_lr": 0.2}), tmp_path / "run", verbose=0)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "exported" / "omniglot"
+
+
+def test_the_shipped_card_shows_the_attached_report_and_evaluate_py_gives_it_again(omniglot_zips,
+                                                                                   tmp_path):
+    """exported/omniglot's MODEL_CARD.md carries the rows of its attached report (the default
+    evaluate.py table: 600 fixed test episodes per task, seed 2024, the export's default steps),
+    and scoring two of its tasks again on the same episodes, through TensorFlow and through the
+    device runtime, gives the same accuracies."""
+    from mmtl_tf import reports
+    from mmtl_tf.evaluation import Setting
+    from mmtl_tf.runs import evaluate_run
+
+    manifest = json.loads((SHIPPED / "manifest.json").read_text())
+    report = json.loads((SHIPPED / "evaluation.json").read_text())
+    assert report["part"] == "test" and report["episodes"] == 600 and report["seed"] == 2024
+    assert report["inner_steps"] == manifest["default_steps"] == 0
+    card = (SHIPPED / "MODEL_CARD.md").read_text()
+    rows = [line for line in reports.markdown(report).splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + 6  # header, rule, the six tasks
+    for line in rows:
+        assert line in card, f"the card lacks the report's row {line!r}"
+    again = evaluate_run(SHIPPED, tmp_path, settings=(Setting(5, 1, 15), Setting(20, 1, 5)),
+                         curve_steps=0)
+    shipped = {row["setting"]: row for row in report["settings"]}
+    for row in again["settings"]:
+        old = shipped[row["setting"]]
+        assert abs(row["accuracy"] - old["accuracy"]) < 1e-4, row["setting"]
+        assert abs(row["device"]["accuracy"] - old["device"]["accuracy"]) < 1e-4, row["setting"]

@@ -27,7 +27,7 @@ LEVELS = {"disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
           "enable_all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 # Learners covering both batch-norm modes, the three head initialisations and Meta-SGD's
 # per-element learning rates: (transductive, head_init, learned_inner_lr). "support_stats" is
-# the shipped omniglot-5w1s choice.
+# the shipped exported/omniglot's batch-norm mode; "proto" is its whole kind.
 KINDS = {"transductive": (True, "learned", "none"),
          "support_stats": (False, "zero", "none"),
          "metasgd": (True, "zero", "per_element"),

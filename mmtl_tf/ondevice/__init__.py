@@ -1,6 +1,6 @@
 """On-device personalisation: numpy, onnxruntime and pillow only (never TensorFlow).
 
-    model = load("exported/omniglot-5w1s")              # verifies every file's SHA-256
+    model = load("exported/omniglot")                    # verifies every file's SHA-256
     personal = model.adapt_folder("my_support")         # one subfolder of images per class
     personal.predict(["query.png"])                     # [(class name, probability)]
     personal.status                                     # "ok", or which earlier step was kept
