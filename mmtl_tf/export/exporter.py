@@ -41,6 +41,10 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | N
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to "
                               "replace it")
     learner, config = load_learner(workdir, checkpoint)
+    if learner.config.proximal:  # the device would adapt without it: refuse, do not drift
+        raise ValueError(f"{workdir} adapts with a proximal term (meta.proximal="
+                         f"{learner.config.proximal}), which the exported adaptation graphs do "
+                         "not carry yet; export a run trained with meta.proximal=0")
     if max_shots < 1:
         raise ValueError(f"max_shots={max_shots} must be >= 1")
     spec = ExportSpec(config.data.image_size, 1, learner.config.max_ways, max_shots,
