@@ -88,6 +88,11 @@ def evaluate_run(workdir, out=None, part: str = "test", settings=None, queries: 
         raise ValueError(f"{workdir} is a {config.data.family} regression run; the evaluation "
                          "report scores image classification (its validation loss is in "
                          "metrics.json)")
+    if config.data.families:  # the settings below would relabel the first family's episodes
+        raise ValueError(f"{workdir} meta-trained on task families "
+                         f"({', '.join(f.name for f in config.data.families)}); the evaluation "
+                         "report per family is not built yet (issue #14): its validation "
+                         "scores are in metrics.json and history.csv")
     if model.export is not None and out is None:
         raise ValueError(f"{workdir} is an export folder, whose files its manifest hashes; give "
                          "--out, a folder for the report")

@@ -10,6 +10,7 @@ command on the folder resumes the run exactly where its last checkpoint left it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -48,7 +49,8 @@ def build_learner(config: ExperimentConfig) -> MetaLearner:
     else:
         raise ValueError(f"backbone={config.model.backbone!r} is not 'conv4' or 'mlp'")
     task = "regression" if config.data.family == "sinusoid" else "classification"
-    learner = MetaLearner(encoder, config.meta, task=task)
+    learner = MetaLearner(encoder, config.meta, task=task,
+                          families=tuple(f.name for f in config.data.families))
     keras.mixed_precision.set_global_policy("float32")
     return learner
 
@@ -63,6 +65,8 @@ def episode_sampler(config: ExperimentConfig, part: str):
     if part not in PARTS:
         raise ValueError(f"part={part!r} is unknown; choose one of {PARTS}")
     d = config.data
+    if d.families:
+        return _family_sampler(config, part)
     if d.family == "sinusoid":  # tasks are generated: the parts differ by their seeds only
         return SinusoidSampler(d.shots, d.queries)
     from mmtl_tf.data.splits import hold_out_validation, omniglot_split
@@ -82,9 +86,29 @@ def episode_sampler(config: ExperimentConfig, part: str):
     return EpisodeSampler(classes, d.ways, d.shots, d.queries, d.within_alphabet, rotations)
 
 
+def _family_sampler(config: ExperimentConfig, part: str, first=None):
+    """Meta-training: a FamilyMix of every family; validation and test: the first family's
+    (``first``, e.g. another setting of it) held-out classes. Every family is loaded and
+    checked here, before any training step."""
+    from mmtl_tf.data.families import FamilyMix
+    from mmtl_tf.data.family_sources import family_sampler
+
+    d = config.data
+    load = lambda family: family_sampler(family, part, d.image_size, d.ink_as_one,  # noqa: E731
+                                         d.data_dir, d.source_dir)
+    if part != "train":
+        return load(first or d.families[0])
+    return FamilyMix([load(f) for f in d.families], d.family_weights, d.family_mix)
+
+
 def protocol_of(config: ExperimentConfig) -> str:
     """The sentence stated next to every metric: what was meta-trained on, what was tested on."""
     d = config.data
+    if d.families:
+        mix = "; ".join(f"{f.name}: {f.source} {f.ways}-way {f.shots}-shot, alpha {a:.3g}"
+                        for f, a in zip(d.families, d.family_weights))
+        return (f"meta-multi-task ({d.family_mix} mix) over {mix}; each family's validation "
+                "and test classes held out of its training classes")
     if d.family == "sinusoid":
         return "sinusoid regression, amplitude 0.1-5, phase 0-pi, x in [-5, 5]"
     if d.train_split or d.eval_split:
@@ -102,6 +126,8 @@ def scored_on(config: ExperimentConfig, part: str) -> str:
     """What a score of ``part`` was measured on, stated beside it."""
     if config.data.family == "sinusoid":
         return f"{part} tasks (sinusoids drawn from their own seed)"
+    if config.data.families:
+        return f"{part} classes of family {config.data.families[0].name!r}"
     return {"validation": "validation alphabets (held out of the training characters; used for "
                           "every choice)",
             "test": "test characters (final score only; no choice is made on them)",
@@ -135,7 +161,13 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     train_sampler = episode_sampler(config, "train")
     validation = _validation_episodes(config)
     also = {s: _validation_episodes(config, s) for s in t.also_validate} if validation else {}
-    with (strategy or tf.distribute.get_strategy()).scope():
+    strategy = strategy or tf.distribute.get_strategy()
+    if config.data.families and strategy.num_replicas_in_sync > 1:
+        # A task's weight is its share of the whole meta-batch: split across replicas, the
+        # per-replica sums would need a global normalisation not written yet.
+        raise ValueError(f"task families train on one replica for now; this strategy has "
+                         f"{strategy.num_replicas_in_sync}: use --strategy default")
+    with strategy.scope():
         learner = build_learner(config)
         learner.compile(optimizer=_optimizer(config), jit_compile=t.jit_compile)
     step, state = 0, {}
@@ -226,6 +258,14 @@ def _periods(step: int, steps: int, log_every: int):
 def _validation_episodes(config: ExperimentConfig, setting: str | None = None):
     """The fixed validation episodes (of the training setting, or of ``setting`` such as
     "5w1s"), or None for a protocol without a validation part."""
+    t = config.train
+    if config.data.families:
+        first = config.data.families[0]
+        if setting is not None:
+            ways, shots = parse_setting(setting)
+            first = dataclasses.replace(first, ways=ways, shots=shots)
+        return draw_episodes(_family_sampler(config, "validation", first), t.eval_seed,
+                             t.eval_episodes)
     if config.data.family == "omniglot" and config.data.protocol == "vinyals" and not (
             config.data.train_split or config.data.eval_split):
         return None
@@ -245,8 +285,9 @@ def _validate(learner, validation, also: dict) -> dict:
 
 
 def _final_metrics(config, workdir: Path, run: RunFolder, step: int) -> dict:
-    metrics = {"protocol": protocol_of(config), "ways": config.data.ways,
-               "shots": config.data.shots, "eval_seed": config.train.eval_seed, "steps": step}
+    scored = config.data.families[0] if config.data.families else config.data
+    metrics = {"protocol": protocol_of(config), "ways": scored.ways, "shots": scored.shots,
+               "eval_seed": config.train.eval_seed, "steps": step}
     if run.validated:
         last = max(run.validated)
         metrics.update(part="validation", scored_on=scored_on(config, "validation"),
@@ -268,8 +309,12 @@ def calibrate_batch_norm(learner, sampler, seed: int, episodes: int = 64) -> Non
     """
     if not learner.encoder.non_trainable_variables or not hasattr(sampler, "ways"):
         return
-    batch = sampler.sample(tf.constant([seed, -1], tf.int64), episodes)
-    images = tf.reshape(batch.query_x, [-1, *batch.query_x.shape[2:]])
+    samplers = getattr(sampler, "samplers", [sampler])  # a FamilyMix: images of every family
+    images = []
+    for one in samplers:
+        batch = one.sample(tf.constant([seed, -1], tf.int64), -(-episodes // len(samplers)))
+        images.append(tf.reshape(batch.query_x, [-1, *batch.query_x.shape[2:]]))
+    images = tf.concat(images, 0)
     _, state = learner.loop.features([tf.convert_to_tensor(p) for p in learner.encoder.trainable_variables],
                                      images)
     for variable, value in zip(learner.encoder.non_trainable_variables, state):

@@ -1,6 +1,7 @@
 """Meta-train a preset: python pipelines/train.py --preset omniglot-5w1s --workdir runs/5w1s
 
-Rerunning the same command on the same --workdir resumes the run from its last checkpoint."""
+Rerunning the same command on the same --workdir resumes the run from its last checkpoint.
+Several task families in one model: repeat --family (see README, "Several task families")."""
 
 import argparse
 import json
@@ -20,6 +21,16 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a configuration field, e.g. --set train.meta_lr=5e-4 "
                         "--set meta.inner_steps=3 (repeatable; values are JSON or text)")
+    parser.add_argument("--family", action="append", default=[], metavar="KEY=VALUE,...",
+                        help="meta-train on a mixture of task families (repeatable; replaces the "
+                        "preset's families), e.g. --family name=chars,source=omniglot,ways=5,"
+                        "shots=1,weight=1 --family name=mine,source=folder:~/symbols,ways=3,"
+                        "shots=2,queries=3,weight=0.5; keys: name, source (omniglot, "
+                        "omniglot:<split>, tfds:<dataset>, folder:<path>), ways, shots, queries, "
+                        "within_alphabet, rotations, image_size, weight")
+    parser.add_argument("--family-mix", choices=["fixed", "proportional"],
+                        help="fixed tasks per family with alpha weighting the loss (default), or "
+                        "tasks drawn in proportion to alpha")
     parser.add_argument("--data-dir", help="TFDS data folder (default: TFDS's)")
     parser.add_argument("--source-dir", help="folder with the Omniglot zips")
     parser.add_argument("--jit-compile", action="store_true", help="XLA-compile the train step")
@@ -31,7 +42,7 @@ def main(argv=None):
                         help="TensorFlow's start-up messages and full tracebacks")
     args = parser.parse_args(argv)
     cli.quiet_tensorflow(args.verbose)
-    from mmtl_tf.config import apply_overrides, preset
+    from mmtl_tf.config import apply_overrides, parse_family, preset, with_families
     from mmtl_tf.training import make_strategy, train
 
     overrides = list(args.set)
@@ -44,7 +55,11 @@ def main(argv=None):
     for key in ("data_dir", "source_dir"):
         if getattr(args, key):
             overrides.append(f"data.{key}={getattr(args, key)}")
+    if args.family_mix:
+        overrides.append(f"data.family_mix={args.family_mix}")
     config = apply_overrides(preset(args.preset), overrides)
+    if args.family:
+        config = with_families(config, [parse_family(text) for text in args.family])
     metrics = train(config, args.workdir, overwrite=args.force, strategy=make_strategy(args.strategy))
     print(json.dumps(metrics, indent=2))
 
