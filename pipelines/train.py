@@ -57,9 +57,10 @@ def main(argv=None):
             overrides.append(f"data.{key}={getattr(args, key)}")
     if args.family_mix:
         overrides.append(f"data.family_mix={args.family_mix}")
-    config = apply_overrides(preset(args.preset), overrides)
-    if args.family:
+    config = preset(args.preset)
+    if args.family:  # first: --set may name switches that need families (meta.family_weighting)
         config = with_families(config, [parse_family(text) for text in args.family])
+    config = apply_overrides(config, overrides)
     metrics = train(config, args.workdir, overwrite=args.force, strategy=make_strategy(args.strategy))
     print(json.dumps(metrics, indent=2))
 

@@ -62,7 +62,7 @@ def test_all_zero_weights_and_a_head_too_narrow_are_refused():
         with_families(preset("tiny"), [parse_family("name=a,ways=30")])
 
 
-def _train_main(tmp_path, capsys, *families):
+def _train_main(tmp_path, capsys, *families, extra=()):
     """pipelines/train.py in process, as a user runs it: (exit status, stderr)."""
     import importlib.util
 
@@ -71,7 +71,7 @@ def _train_main(tmp_path, capsys, *families):
     spec = importlib.util.spec_from_file_location("train_pipeline", "pipelines/train.py")
     pipeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pipeline)
-    argv = ["--preset", "tiny", "--workdir", str(tmp_path / "run"), "--steps", "2"]
+    argv = ["--preset", "tiny", "--workdir", str(tmp_path / "run"), "--steps", "2", *extra]
     for family in families:
         argv += ["--family", family]
     with pytest.raises(SystemExit) as exit_info:
@@ -111,6 +111,15 @@ def test_bad_sources_stop_the_pipeline_before_any_step_with_one_line(tmp_path, c
     assert status == 2 and len(lines) == 1, err
     assert lines[0].startswith("error: family 'mine' (source ") and expected in lines[0], lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()  # no training step ran
+
+
+def test_set_may_name_switches_that_need_the_families_given_by_family(tmp_path, capsys):
+    """--family is applied before --set, so meta.family_weighting meets its families: the
+    run gets as far as the (deliberately one-class) folder."""
+    _write_folder(tmp_path / "one", classes=1)
+    status, err = _train_main(tmp_path, capsys, f"name=mine,source=folder:{tmp_path / 'one'}",
+                              extra=["--set", "meta.family_weighting=recent_loss"])
+    assert status == 2 and "family 'mine'" in err and "holds 1 class subfolder" in err, err
 
 
 SMALL = dict(train={"steps": 2, "log_every": 1, "checkpoint_every": 2, "eval_every": 2,
