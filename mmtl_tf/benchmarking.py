@@ -155,9 +155,10 @@ def _random_meta_batch(meta_batch_size, ways, shots, queries):
     return Episode(*(tf.constant(f) for f in batch))
 
 
-def _ceiling_steps(images, labels, ways: int) -> dict:
-    """Plain gradients (cross-entropy, shared weights, fused batch norm) of images (T, B, ...)
-    with labels (T, B): per task through tf.map_fn, and all T * B images as one batch."""
+def _plain_gradient(ways: int):
+    """(encoder, gradient): a Conv4 encoder with a dense ``ways``-way head (seed 0) and a
+    function giving the plain cross-entropy gradient of all its parameters (shared weights,
+    fused batch norm, stateless: no statistics written back) for images x and labels y."""
     import keras
     import tensorflow as tf
 
@@ -178,10 +179,22 @@ def _ceiling_steps(images, labels, ways: int) -> dict:
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
         return tape.gradient(loss, params)
 
+    return encoder, gradient
+
+
+def _ceiling_steps(images, labels, ways: int) -> dict:
+    """Plain gradients (cross-entropy, shared weights, fused batch norm) of images (T, B, ...)
+    with labels (T, B): per task through tf.map_fn, and all T * B images as one batch."""
+    import tensorflow as tf
+
+    encoder, gradient = _plain_gradient(ways)
+    signature = [tf.TensorSpec(v.shape, v.dtype) for v in encoder.trainable_variables]
+    signature += [tf.TensorSpec((encoder.feature_dim, ways)), tf.TensorSpec((ways,))]
+
     @tf.function
     def per_task():
         grads = tf.map_fn(lambda e: gradient(*e), (images, labels), parallel_iterations=2,
-                          fn_output_signature=[tf.TensorSpec(p.shape, p.dtype) for p in params])
+                          fn_output_signature=signature)
         return [tf.reduce_mean(g, 0) for g in grads]
 
     flat_images = tf.reshape(images, (-1, *images.shape[2:]))
@@ -199,31 +212,14 @@ def plain_step_ceiling(meta_batch_size: int = 32, ways: int = 5, shots: int = 1,
     over all ``meta_batch_size * ways * (shots + queries)`` images at once, with shared weights,
     one batched op per layer and fused batch norm (no inner loop, no per-task weights).
     """
-    import keras
     import tensorflow as tf
 
-    from mmtl_tf.models.conv4 import conv4_encoder
-
-    keras.utils.set_random_seed(0)
-    encoder = conv4_encoder(28)
-    head = keras.layers.Dense(ways)
-    head.build((None, encoder.feature_dim))
+    encoder, gradient = _plain_gradient(ways)
     count = meta_batch_size * ways * (shots + queries)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(count, 28, 28, 1)).astype(np.float32))  # (images, 28, 28, 1)
     y = tf.constant(np.arange(count) % ways)
-    params = [tf.convert_to_tensor(v) for v in encoder.trainable_variables + head.trainable_variables]
-    state = [v.value for v in encoder.non_trainable_variables]
-
-    @tf.function
-    def step():
-        # stateless: no batch statistics are written back, so none are computed beyond the kernel's
-        with tf.GradientTape() as tape:
-            tape.watch(params)
-            features, _ = encoder.stateless_call(params[:-2], state, x, training=True)
-            logits = tf.matmul(features, params[-2]) + params[-1]
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-        return tape.gradient(loss, params)
+    step = tf.function(lambda: gradient(x, y))
 
     step()
     start = time.perf_counter()

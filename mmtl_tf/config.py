@@ -305,11 +305,33 @@ class ExperimentConfig:
                    model=build(ModelConfig, d.get("model", {})),
                    meta=build(MetaConfig, d.get("meta", {})), train=build(TrainConfig, d.get("train", {})))
 
+    @classmethod
+    def from_file(cls, path) -> "ExperimentConfig":
+        """The config of a JSON file (a run's config.json, a search's best_config.json);
+        ValueError or FileNotFoundError naming the file if it is not one."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+            if not isinstance(d, dict) or "name" not in d:
+                raise ValueError("not a configuration object with a 'name'")
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path} is not a configuration: {str(err).splitlines()[0]}") from None
+
     def replace(self, **sections) -> "ExperimentConfig":
         """A copy with fields of sections replaced: replace(train={"steps": 10})."""
         changes = {k: dataclasses.replace(getattr(self, k), **v) for k, v in sections.items()}
         return dataclasses.replace(self, **changes)
 
+
+# MAML paper section 5.1: 10-shot sinusoid regression, MLP 40-40, inner lr 0.01, meta-batch 25;
+# one inner step in training, 10 at evaluation. Validation (every 500 steps, 200 tasks of seed
+# 1234) keeps the state with the lowest query MSE after 10 steps.
+SINUSOID = ExperimentConfig(
+    "sinusoid", data=DataConfig(family="sinusoid", shots=10, queries=10),
+    model=ModelConfig(backbone="mlp"),
+    meta=MetaConfig(inner_steps=1, eval_inner_steps=10, inner_lr=0.01, head_init="learned"),
+    train=TrainConfig(steps=5000, meta_batch_size=25, log_every=500))
 
 PRESETS = {
     # The MAML paper's Omniglot 5-way 1-shot setting on our protocol (background characters),
@@ -337,12 +359,13 @@ PRESETS = {
         "omniglot-20w1s", data=DataConfig(ways=20, shots=1, queries=5),
         meta=MetaConfig(inner_steps=5, eval_inner_steps=5, inner_lr=0.1),
         train=TrainConfig(steps=2000, meta_batch_size=16)),
-    # MAML paper section 5.1: 10-shot sinusoid regression, MLP 40-40, inner lr 0.01.
-    "sinusoid": ExperimentConfig(
-        "sinusoid", data=DataConfig(family="sinusoid", shots=10, queries=10),
-        model=ModelConfig(backbone="mlp"),
-        meta=MetaConfig(inner_steps=1, eval_inner_steps=10, inner_lr=0.01, head_init="learned"),
-        train=TrainConfig(steps=5000, meta_batch_size=25, log_every=500)),
+    "sinusoid": SINUSOID,
+    # Its baseline of the same budget (the paper's "pretrained" model, figures 2 and 3): the
+    # same network, tasks and steps, trained by plain regression on each task's 20 points (no
+    # inner loop), then fine-tuned at evaluation exactly as the meta-model adapts (10 steps of
+    # SGD at 0.01), and validated the same way.
+    "sinusoid-pretrained": dataclasses.replace(SINUSOID.replace(meta={"algorithm": "pretrain"}),
+                                               name="sinusoid-pretrained"),
     # A few seconds of training on small Omniglot subsets: tests and smoke runs only.
     "tiny": ExperimentConfig(
         "tiny", data=DataConfig(train_split="small1", eval_split="small2", ways=5, shots=1,
@@ -351,6 +374,41 @@ PRESETS = {
         meta=MetaConfig(inner_steps=2, eval_inner_steps=2, inner_lr=0.4),
         train=TrainConfig(steps=4, meta_batch_size=4, log_every=2, checkpoint_every=2,
                           eval_every=2, eval_episodes=8)),
+}
+
+
+# ----- The search space of pipelines/tune.py, in the configuration's own names ---------------
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Values from ``low`` to ``high`` (inclusive), sampled on a "linear" or "log" scale;
+    integers when the field is an integer."""
+
+    low: float
+    high: float
+    scale: str = "linear"
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """One of ``values``."""
+
+    values: tuple
+
+
+# What a search varies unless its command line fixes or narrows it (`--set`, `--space`). Each
+# trial is the preset shortened to --steps-per-trial meta-steps and scored on fixed episodes of
+# the validation alphabets in the preset's own setting (ways, shots), whatever ways and shots
+# it trained on. Draws the engine refuses (a zero head with one inner step) fail at once.
+SEARCH_SPACE = {
+    "meta.inner_lr": Range(0.03, 1.0, "log"),
+    "meta.inner_steps": Range(1, 5),
+    "meta.eval_inner_steps": Range(1, 10),
+    "train.meta_lr": Range(1e-4, 1e-2, "log"),
+    "train.meta_batch_size": Choice((4, 8, 16, 32)),
+    "meta.head_init": Choice(("zero", "proto", "learned")),
+    "data.ways": Choice((5, 10, 20)),
+    "data.shots": Choice((1, 5)),
 }
 
 

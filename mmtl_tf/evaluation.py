@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import typing
 
 import numpy as np
@@ -38,15 +39,23 @@ ANCHOR_SETTINGS = (Setting(5, 1, 15), Setting(5, 5, 15), Setting(20, 1, 5), Sett
                    Setting(20, 1, 5, within_alphabet=True))
 
 
+def batch_norm_mode(transductive: bool) -> str:
+    """How queries are normalised, in the words stated beside every score."""
+    return "transductive (query batch statistics)" if transductive else "support statistics"
+
+
 def accuracy_curve(learner, episodes: Episode, steps: int, batch: int = 16) -> dict:
     """Query accuracy and loss after 0, 1, ..., ``steps`` adaptation steps, each episode adapted
     once (the inner loop gives the query outputs after every step; step 0 is the starting head).
 
     ``episodes``: numpy, leading episode axis. Returns {"accuracy": (episodes, steps + 1),
-    "loss": (episodes, steps + 1)} float64 arrays. Episodes run ``batch`` at a time through
-    ``tf.map_fn`` in one traced function (the leading axis is left unknown: no retrace).
+    "loss": (episodes, steps + 1)} float64 arrays; a regression learner's has "loss" only (the
+    query mean squared error). Episodes run ``batch`` at a time through ``tf.map_fn`` in one
+    traced function (the leading axis is left unknown: no retrace), at least one episode per
+    core at once (see pipelines/evaluate.py's thread setting).
     """
-    ways = int(episodes.class_ids.shape[-1])
+    regression = learner.task == "regression"
+    ways = 1 if regression else int(episodes.class_ids.shape[-1])
     meta_params = [tf.convert_to_tensor(p) for p in learner.meta_params]
     rates = learner.learning_rates(ways)
 
@@ -56,31 +65,40 @@ def accuracy_curve(learner, episodes: Episode, steps: int, batch: int = 16) -> d
                            first_order=True, query_x=query_x)
         outputs = [il.query_logits(learner.loop, adapted.start, support_x, query_x),
                    *adapted.query_outputs]  # (steps + 1) x (N*Q, N)
+        losses = tf.stack([tf.cast(learner.loop.loss(o, query_y), tf.float32) for o in outputs])
+        if regression:  # no classes to count
+            return tf.zeros([steps + 1], tf.int32), losses
         correct = [tf.equal(tf.argmax(o, -1, output_type=tf.int32), query_y) for o in outputs]
-        return (tf.reduce_sum(tf.cast(tf.stack(correct), tf.int32), axis=1),
-                tf.stack([tf.cast(learner.loop.loss(o, query_y), tf.float32) for o in outputs]))
+        return tf.reduce_sum(tf.cast(tf.stack(correct), tf.int32), axis=1), losses
 
     fields = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
     signature = [tf.TensorSpec([None, *f.shape[1:]], tf.as_dtype(f.dtype)) for f in fields]
     run = tf.function(lambda *f: tf.map_fn(
         one, f, fn_output_signature=(tf.TensorSpec([steps + 1], tf.int32),
                                      tf.TensorSpec([steps + 1], tf.float32)),
-        parallel_iterations=learner.config.parallel_iterations), input_signature=signature)
+        parallel_iterations=max(learner.config.parallel_iterations, os.cpu_count() or 1)),
+        input_signature=signature)
     correct, loss = [], []
     for start in range(0, len(episodes.support_x), batch):
         c, l = run(*(f[start:start + batch] for f in fields))
         correct.append(c.numpy())
         loss.append(l.numpy())
-    # correct / queries in float64: the same numbers as numpy's mean of the device's hits
-    return {"accuracy": np.concatenate(correct) / episodes.query_y.shape[1],
-            "loss": np.concatenate(loss).astype(np.float64)}
+    result = {"loss": np.concatenate(loss).astype(np.float64)}
+    if not regression:
+        # correct / queries in float64: the same numbers as numpy's mean of the device's hits
+        result["accuracy"] = np.concatenate(correct) / episodes.query_y.shape[1]
+    return result
 
 
 def predicted_labels(learner, episode: Episode, steps: int) -> np.ndarray:
-    """Predicted query labels (N*Q,) of one episode (no episode axis) after ``steps`` steps."""
+    """Predicted query labels (N*Q,) of one episode (no episode axis) after exactly ``steps``
+    steps: the table's and the curve's protocol, not the best step a user's ``adapt`` keeps."""
     ways = int(episode.class_ids.shape[-1])
-    params = learner.adapt(episode.support_x, episode.support_y, ways, steps)
-    logits = learner.predict_adapted(params, episode.query_x, episode.support_x)
+    meta_params = [tf.convert_to_tensor(p) for p in learner.meta_params]
+    adapted = il.adapt(learner.loop, meta_params, tf.convert_to_tensor(episode.support_x),
+                       tf.convert_to_tensor(episode.support_y), ways, steps,
+                       learner.learning_rates(ways), first_order=True)
+    logits = learner.predict_adapted(adapted.params, episode.query_x, episode.support_x)
     return np.argmax(np.asarray(logits), axis=-1)
 
 

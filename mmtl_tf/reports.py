@@ -22,10 +22,10 @@ def write_report(out, report: dict, setting, episode, predicted) -> list[str]:
     text = json.dumps({**report, "files": list(FILES)}, indent=2, sort_keys=True) + "\n"
     atomic_write(out / "evaluation.json", lambda f: f.write(text.encode()))
     atomic_write(out / "evaluation.md", lambda f: f.write(markdown(report).encode()))
-    _save_figure(curves_figure(report), out / "curves.png")
+    save_figure(curves_figure(report), out / "curves.png")
     title = (f"{setting.name}, {report['part']} episode 1 of {report['episodes']}: "
              f"{report['inner_steps']} adaptation steps, {report['batch_norm']} batch norm")
-    _save_figure(episode_figure(episode, predicted, title), out / "episode.png")
+    save_figure(episode_figure(episode, predicted, title), out / "episode.png")
     return list(FILES)
 
 
@@ -64,7 +64,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,7 +76,7 @@ def _pyplot():
 
 def curves_figure(report: dict):
     """Mean query accuracy (95% CI band) against adaptation steps, one line per setting."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for row in report["settings"]:
         steps = np.asarray(row["curve"]["steps"])
@@ -99,7 +100,7 @@ def curves_figure(report: dict):
 def episode_figure(episode, predicted, title: str, columns: int = 15):
     """One episode: the support images (labelled) above the queries ("predicted / true", red
     when wrong). ``episode`` has no episode axis; ``predicted`` (N*Q,) labels."""
-    plt = _pyplot()
+    plt = pyplot()
     support_order = np.argsort(episode.support_y, kind="stable")
     support_rows = -(-len(support_order) // columns)
     query_rows = -(-len(episode.query_y) // columns)
@@ -122,8 +123,9 @@ def episode_figure(episode, predicted, title: str, columns: int = 15):
     return figure
 
 
-def _save_figure(figure, path: Path) -> None:
+def save_figure(figure, path: Path) -> None:
+    """Writes ``figure`` as a PNG atomically and closes it."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    _pyplot().close(figure)
+    pyplot().close(figure)
     atomic_write(path, lambda f: f.write(buffer.getvalue()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import signal
+import time
 from pathlib import Path
 
 import keras
@@ -20,6 +21,7 @@ from mmtl_tf.files import atomic_write
 
 HISTORY = "history.csv"
 CURVES = "curves.png"
+TENSORBOARD = "tensorboard"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,6 +59,9 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
+MONITORS = ("accuracy", "loss")
+
+
 class RunFolder(keras.callbacks.Callback):
     """After each meta-step: stop on a signal or a non-finite loss, validate every
     ``eval_every`` steps (keeping the best state), checkpoint every ``checkpoint_every`` steps,
@@ -64,19 +69,28 @@ class RunFolder(keras.callbacks.Callback):
 
     ``validate()`` returns the validation report (``evaluate_episodes``); ``prepare()`` runs
     before any state is saved (batch-norm calibration); ``state`` is the record restored from
-    the last checkpoint (best accuracy and its step, evaluations without improvement)."""
+    the last checkpoint (best score and its step, evaluations without improvement);
+    ``config`` (the run's configuration) goes into every checkpoint's record, so a checkpoint
+    is never resumed under another configuration even when config.json is gone.
+    ``monitor``: the validation metric that chooses the best state, "accuracy" (highest) or
+    "loss" (lowest: regression); the state keeps it as ``best_<monitor>``."""
 
     def __init__(self, workdir, steps, checkpoint_every, eval_every, patience, validate,
-                 signals: StopSignals, inner_lr: float, state: dict, prepare=None):
+                 signals: StopSignals, inner_lr: float, state: dict, prepare=None,
+                 config: dict | None = None, monitor: str = "accuracy"):
         super().__init__()
+        if monitor not in MONITORS:
+            raise ValueError(f"monitor={monitor!r} is not one of {MONITORS}")
         self.workdir, self.steps = Path(workdir), steps
         self.checkpoint_every, self.eval_every, self.patience = checkpoint_every, eval_every, patience
         self.validate, self.signals, self.inner_lr = validate, signals, inner_lr
-        self.state = {"best_accuracy": None, "best_step": None, "stale": 0, **state}
+        self.monitor, self.best_key = monitor, f"best_{monitor}"
+        self.state = {self.best_key: None, "best_step": None, "stale": 0, **state}
         self.prepare, self.on_checkpoint = prepare or (lambda: None), lambda: None
         self.validated = {}  # step -> validation report, this process
         self.stopped = False
         self.period_sums = None  # metric sums of a period cut by a crash, restored once
+        self.config = config  # the run's configuration, stored in every checkpoint's record
 
     def on_epoch_begin(self, epoch, logs=None):
         # fit() has just reset the trackers: a run resumed mid-period continues its sums, so
@@ -106,22 +120,23 @@ class RunFolder(keras.callbacks.Callback):
 
     def _validate(self, step):
         report = self.validated[step] = self.validate()
-        accuracy, best = report["accuracy"], self.state["best_accuracy"]
-        if best is None or accuracy > best:
-            self.state.update(best_accuracy=accuracy, best_step=step, stale=0)
+        score, best = report[self.monitor], self.state[self.best_key]
+        if best is None or (score > best if self.monitor == "accuracy" else score < best):
+            self.state.update({self.best_key: score, "best_step": step, "stale": 0})
             self.prepare()
             checkpoints.save(self.model, checkpoints.folder(self.workdir) / checkpoints.BEST,
                              self.record(step))
         else:
             self.state["stale"] += 1
             if self.patience and self.state["stale"] >= self.patience:
-                print(f"early stopping at meta-step {step}: validation accuracy has not improved "
-                      f"for {self.patience} evaluations (best {best:.4f} at step "
+                print(f"early stopping at meta-step {step}: validation {self.monitor} has not "
+                      f"improved for {self.patience} evaluations (best {best:.4f} at step "
                       f"{self.state['best_step']})")
                 self.model.stop_training = True
 
     def record(self, step):
-        return {"step": step, **self.state}
+        return {"step": step, **self.state,
+                **({"config": self.config} if self.config is not None else {})}
 
     def checkpoint(self, step):
         self.prepare()
@@ -136,33 +151,43 @@ class RunFolder(keras.callbacks.Callback):
 
 class MetricsLog(keras.callbacks.Callback):
     """At the end of each logging period: a row of ``history.csv`` (the step, the period's
-    meta-metrics, the meta learning rate, and the validation accuracy when validation ran at
-    that step), the same scalars for TensorBoard (``<workdir>/tensorboard``), and on request
-    (``write_curves``) the PNG learning curves. Rows after ``resumed_step`` (written after the
-    checkpoint a run resumed from) are dropped, so the history has no gap and no duplicate."""
+    meta-metrics, the meta learning rate, the training wall time so far in ``seconds``, and
+    the validation accuracy when validation ran at that step), the same scalars for
+    TensorBoard (``<workdir>/tensorboard``), and on request (``write_curves``) the PNG learning
+    curves. Rows after ``resumed_step`` (written after the checkpoint a run resumed from) are
+    dropped, so the history has no gap and no duplicate; the TensorBoard events are rewritten
+    from the rows kept (``tensorboard_writer``), so the steps the resumed run logs again
+    appear once there too."""
 
     def __init__(self, workdir, run: RunFolder, resumed_step: int = 0):
         super().__init__()
         self.workdir, self.run = Path(workdir), run
         self.rows = [r for r in read_history(self.workdir) if r["step"] <= resumed_step]
-        self.writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
+        self.writer = tensorboard_writer(self.workdir / TENSORBOARD, self.rows)
+        self.period_start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.period_start = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
         step = int(self.model.optimizer.iterations)
         row = {"step": step, **{k: float(np.asarray(v).ravel()[0]) for k, v in (logs or {}).items()
                                 if k != "update_dropped"}}
+        # wall time of training so far (validation and checkpoints included): the time of the
+        # kept rows plus this period's; work lost to a crash after the last checkpoint is not
+        # counted twice
+        before = self.rows[-1].get("seconds", 0.0) if self.rows else 0.0
+        row["seconds"] = round(before + time.monotonic() - (self.period_start or time.monotonic()), 1)
         row["meta_lr"] = float(self.model.optimizer.learning_rate)  # the schedule's, now
         if step in self.run.validated:  # also into logs: the progress line shows it
             report = self.run.validated[step]
-            row["val_accuracy"] = logs["val_accuracy"] = report["accuracy"]
+            name = f"val_{self.run.monitor}"
+            row[name] = logs[name] = report[self.run.monitor]
             for setting, accuracy in report.get("settings", {}).items():
                 row[f"val_{setting}_accuracy"] = logs[f"val_{setting}_accuracy"] = accuracy
         self.rows.append(row)
         write_history(self.workdir, self.rows)
-        with self.writer.as_default(step=step):
-            for name, value in row.items():
-                if name != "step":
-                    tf.summary.scalar(name, value)
+        write_scalars(self.writer, row)
         self.writer.flush()
 
     def write_curves(self):
@@ -187,6 +212,35 @@ def write_history(workdir, rows: list[dict]) -> None:
     atomic_write(Path(workdir) / HISTORY, lambda f: f.write(text.getvalue().encode()))
 
 
+def write_scalars(writer, row: dict) -> None:
+    """A history row's values as TensorBoard scalars at its step (its training wall time,
+    ``seconds``, stays in history.csv: rewritten events carry the time of their rewriting)."""
+    with writer.as_default(step=row["step"]):
+        for name, value in row.items():
+            if name not in ("step", "seconds"):
+                tf.summary.scalar(name, value)
+
+
+def tensorboard_writer(folder, rows: list[dict]):
+    """A summary writer on ``folder`` whose events are exactly the scalars of ``rows``
+    (history.csv's, as kept when a run starts or resumes), in one new events file; the events
+    files there before are removed once it is written. A run killed after its last checkpoint
+    has logged steps that its rerun logs again, and TensorBoard would draw both points (TF2's
+    summary writers cannot write TF1's SessionLog.START, the restart mark that makes it drop
+    them); so those events go, as their history rows do. An interruption in between leaves a
+    rerun's duplicates or an old file, which the next rerun removes in turn: history.csv,
+    written atomically, is the record."""
+    folder = Path(folder)
+    previous = sorted(folder.glob("events.out.tfevents.*"))
+    writer = tf.summary.create_file_writer(str(folder))
+    for row in rows:
+        write_scalars(writer, row)
+    writer.flush()
+    for path in previous:
+        path.unlink()
+    return writer
+
+
 def write_curves(path, rows: list[dict]) -> None:
     """Meta-loss, pre/post-adaptation query accuracy and validation accuracy against step."""
     import matplotlib
@@ -196,8 +250,8 @@ def write_curves(path, rows: list[dict]) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     series = lambda name: [(r["step"], r[name]) for r in rows if name in r]  # noqa: E731
-    validation = sorted({k for r in rows for k in r if k.startswith("val_")})
-    for axis, names, label in ((left, ["loss"], "meta-loss (query, after adaptation)"),
+    validation = sorted({k for r in rows for k in r if k.startswith("val_") and k != "val_loss"})
+    for axis, names, label in ((left, ["loss", "val_loss"], "meta-loss (query, after adaptation)"),
                                (right, ["accuracy", "pre_accuracy", *validation], "accuracy")):
         for name in names:
             points = series(name)

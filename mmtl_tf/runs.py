@@ -15,8 +15,8 @@ import numpy as np
 
 from mmtl_tf.config import ExperimentConfig
 from mmtl_tf.data.episode_files import fixed_episodes
-from mmtl_tf.evaluation import (ANCHOR_SETTINGS, Setting, accuracy_curve, device_accuracies,
-                                mean_and_ci95, predicted_labels)
+from mmtl_tf.evaluation import (ANCHOR_SETTINGS, Setting, accuracy_curve, batch_norm_mode,
+                                device_accuracies, mean_and_ci95, predicted_labels)
 from mmtl_tf.checkpoints import FOLDER
 from mmtl_tf.training import PARTS, episode_sampler, load_learner, protocol_of, scored_on
 
@@ -58,7 +58,7 @@ def load_model(path, checkpoint: str = "best") -> Model:
 def evaluate_run(workdir, out=None, part: str = "test", settings=None, queries: int | None = None,
                  episodes: int = 600, seed: int = 2024, steps: int | None = None,
                  curve_steps: int = CURVE_STEPS, export=None, checkpoint: str = "best",
-                 command: str | None = None, log=None) -> dict:
+                 command: str | None = None, log=None, baseline=None) -> dict:
     """Scores a run or an export folder on fixed episodes of one part of its protocol and
     writes the report (``reports.write_report``) to ``out``.
 
@@ -75,6 +75,8 @@ def evaluate_run(workdir, out=None, part: str = "test", settings=None, queries: 
         ``workdir`` always is).
       checkpoint: a run's "best" (validation) or "latest" state.
       log: called with a line of progress per setting.
+      baseline: a sinusoid run or export scored beside the model on the same tasks with the
+        same steps (``sinusoid_report``; a sinusoid model's settings may only give shots).
     Returns the report (also written as evaluation.json).
     """
     from mmtl_tf import reports
@@ -83,56 +85,84 @@ def evaluate_run(workdir, out=None, part: str = "test", settings=None, queries: 
     if part not in PARTS[1:]:
         raise ValueError(f"part={part!r} is unknown; choose 'test' or 'validation'")
     model = load_model(workdir, checkpoint)
-    learner, config = model.learner, model.config
-    if config.data.family != "omniglot":
-        raise ValueError(f"{workdir} is a {config.data.family} regression run; the evaluation "
-                         "report scores image classification (its validation loss is in "
-                         "metrics.json)")
-    if config.data.families:  # the settings below would relabel the first family's episodes
+    if model.config.data.families:  # the settings below would relabel the first family's
         raise ValueError(f"{workdir} meta-trained on task families "
-                         f"({', '.join(f.name for f in config.data.families)}); the evaluation "
-                         "report per family is not built yet (issue #14): its validation "
-                         "scores are in metrics.json and history.csv")
-    if model.export is not None and out is None:
-        raise ValueError(f"{workdir} is an export folder, whose files its manifest hashes; give "
-                         "--out, a folder for the report")
-    out = Path(out) if out is not None else Path(workdir) / "evaluation" / part
-    steps = steps or learner.config.eval_inner_steps
+                         f"({', '.join(f.name for f in model.config.data.families)}); the "
+                         "evaluation report per family is not built yet (issue #14): its "
+                         "validation scores are in metrics.json and history.csv")
+    out = _report_folder(model, workdir, out, part)
+    steps = steps or model.learner.config.eval_inner_steps
     if steps < 1 or curve_steps < 0:
         raise ValueError(f"steps={steps} must be >= 1 (curve_steps={curve_steps} >= 0)")
-    chosen = _settings(settings, queries, config, learner.config.max_ways)
+    if model.config.data.family == "sinusoid":
+        return _evaluate_sinusoid(model, workdir, baseline, out, part, settings, queries,
+                                  episodes, seed, steps, curve_steps, export, checkpoint,
+                                  command, log)
+    if baseline is not None:
+        raise ValueError(f"--baseline compares sinusoid regression models; {workdir} is an "
+                         f"{model.config.data.family} model")
+    curve_steps = max(curve_steps, steps)
+    chosen = _settings(settings, queries, model.config, model.learner.config.max_ways)
     device = _device_model(export if export is not None else model.export)
-    batch_norm = ("transductive (query batch statistics)" if learner.config.transductive
-                  else "support statistics")
     rows, pictured = [], None
     for setting in chosen:
-        clock = time.perf_counter()
-        data = config.replace(data={"ways": setting.ways, "shots": setting.shots,
-                                    "queries": setting.queries,
-                                    "within_alphabet": setting.within_alphabet})
-        file = out / "episodes" / f"{part}_{setting.tag}_seed{seed}_n{episodes}.npz"
-        fixed = fixed_episodes(file, episode_sampler(data, part), seed, episodes)
-        row = _score(learner, fixed, setting, steps, max(curve_steps, steps), device)
-        row.update(batch_norm=batch_norm, episode_file=str(file.relative_to(out)),
-                   seconds=round(time.perf_counter() - clock, 1))
+        row, fixed = _evaluate_setting(model, setting, part, out, episodes, seed, steps,
+                                       curve_steps, device)
         rows.append(row)
-        if pictured is None:
+        if pictured is None:  # the report draws the first episode of the first task
             first = type(fixed)(*(f[0] for f in fixed))
-            pictured = (setting, first, predicted_labels(learner, first, steps))
+            pictured = (setting, first, predicted_labels(model.learner, first, steps))
         if log:
+            on_device = row.get("device", {})
             log(f"{setting.name}: {row['accuracy']:.1%} ± {row['accuracy_ci95']:.1%} after "
-                f"{steps} steps over {episodes} episodes ({row['seconds']:.0f} s)")
-    report = {"model": str(workdir), "kind": "export" if model.export else f"run ({checkpoint} checkpoint)",
-              "name": config.name, "protocol": protocol_of(config), "part": part,
-              "scored_on": scored_on(config, part), "seed": seed, "episodes": episodes,
-              "inner_steps": steps, "curve_steps": max(curve_steps, steps),
-              "batch_norm": batch_norm, "algorithm": learner.config.algorithm,
+                f"{steps} steps over {episodes} episodes ({row['seconds']:.0f} s)" + (
+                    f"; device runtime {on_device['accuracy']:.1%} ({on_device['seconds']:.0f} s)"
+                    if "accuracy" in on_device else ""))
+    learner, config = model.learner, model.config
+    report = {"model": str(workdir), "name": config.name, "algorithm": learner.config.algorithm,
+              "kind": "export" if model.export else f"run ({checkpoint} checkpoint)",
+              "protocol": protocol_of(config), "part": part, "scored_on": scored_on(config, part),
+              "seed": seed, "episodes": episodes, "inner_steps": steps, "curve_steps": curve_steps,
+              "batch_norm": batch_norm_mode(learner.config.transductive),
               "device": None if device is None else {
                   "runtime": "mmtl_tf.ondevice (onnxruntime)", "export": str(device.folder)},
               "command": command, "out": str(out), "settings": rows,
               "seconds": round(time.perf_counter() - started, 1)}
     report["files"] = reports.write_report(out, report, *pictured)
     return report
+
+
+def _evaluate_sinusoid(model, workdir, baseline, out, part, settings, queries, episodes, seed,
+                       steps, curve_steps, export, checkpoint, command, log) -> dict:
+    """``evaluate_run`` for the sinusoid family: query MSE after 1 and ``steps`` steps at
+    K = 5, 10, 20 (or the settings' shots), beside ``baseline`` (``sinusoid_report``)."""
+    from mmtl_tf import sinusoid_report as sr
+
+    if export is not None:
+        raise ValueError("--export scores image classifiers through the device runtime; a "
+                         "sinusoid model is scored with TensorFlow only: drop --export")
+    if any(s.ways or s.within_alphabet or not s.shots for s in settings or ()):
+        raise ValueError("a sinusoid task has no ways or alphabets: give --shots K only")
+    against = None
+    if baseline is not None:
+        other = load_model(baseline, checkpoint)
+        if other.config.data.family != "sinusoid":
+            raise ValueError(f"--baseline {baseline} is an {other.config.data.family} model; "
+                             "give a sinusoid run or export (preset sinusoid-pretrained)")
+        against = sr.Scored(other.learner, other.config.name, str(baseline))
+    shots = tuple(s.shots for s in settings) if settings else sr.SHOTS
+    return sr.evaluate(sr.Scored(model.learner, model.config.name, str(workdir)), against, out,
+                       protocol_of(model.config), part, scored_on(model.config, part), shots,
+                       queries or sr.QUERIES, episodes, seed, steps, curve_steps, command, log)
+
+
+def _report_folder(model: Model, workdir, out, part: str) -> Path:
+    """Where the report goes: ``out``, or ``<workdir>/evaluation/<part>`` for a run (an export
+    folder's files are hashed by its manifest, so it needs ``out``)."""
+    if model.export is not None and out is None:
+        raise ValueError(f"{workdir} is an export folder, whose files its manifest hashes; give "
+                         "--out, a folder for the report")
+    return Path(out) if out is not None else Path(workdir) / "evaluation" / part
 
 
 def _settings(settings, queries, config, max_ways: int) -> list[Setting]:
@@ -149,6 +179,9 @@ def _settings(settings, queries, config, max_ways: int) -> list[Setting]:
                                  f"--ways <= {max_ways}")
             continue
         chosen.append(s)
+    if not chosen:
+        raise ValueError(f"every task of the table has more ways than the model's max_ways="
+                         f"{max_ways}; choose one with --ways <= {max_ways} --shots K")
     return chosen
 
 
@@ -157,32 +190,49 @@ def _device_model(folder):
         return None
     from mmtl_tf import ondevice
 
-    return ondevice.load(folder)
+    # One onnxruntime thread: its default pool spins on the small graphs of one episode. On this
+    # project's 2-core machine, with another job on one core, device_accuracies took 14-15 ms
+    # per 5-way 1-shot episode on one thread and 93-156 ms with the default pool (2 Dec).
+    return ondevice.load(folder, threads=1)
 
 
-def _score(learner, fixed, setting: Setting, steps: int, curve_steps: int, device) -> dict:
-    """One row of the report: accuracy and loss after ``steps`` steps with their 95% CI, the
-    curve from 0 to ``curve_steps`` steps (one adaptation per episode) and the device's score."""
-    curve = accuracy_curve(learner, fixed, curve_steps)
+def _evaluate_setting(model: Model, setting: Setting, part: str, out: Path, episodes: int,
+                      seed: int, steps: int, curve_steps: int, device) -> tuple[dict, object]:
+    """One row of the report and its fixed episodes: accuracy and loss after ``steps`` steps
+    with their 95% CI, the curve from 0 to ``curve_steps`` steps (one adaptation per episode)
+    and the device runtime's score of the same episodes."""
+    clock = time.perf_counter()
+    data = model.config.replace(data={"ways": setting.ways, "shots": setting.shots,
+                                      "queries": setting.queries,
+                                      "within_alphabet": setting.within_alphabet})
+    file = out / "episodes" / f"{part}_{setting.tag}_seed{seed}_n{episodes}.npz"
+    fixed = fixed_episodes(file, episode_sampler(data, part), seed, episodes)
+    curve = accuracy_curve(model.learner, fixed, curve_steps)
     accuracy, loss = curve["accuracy"], curve["loss"]
     row = {"setting": setting.name, **setting._asdict(), "episodes": len(accuracy),
-           "inner_steps": steps}
+           "inner_steps": steps, "batch_norm": batch_norm_mode(model.learner.config.transductive),
+           "episode_file": str(file.relative_to(out))}
     row["accuracy"], row["accuracy_ci95"] = mean_and_ci95(accuracy[:, steps])
     row["loss"], row["loss_ci95"] = mean_and_ci95(loss[:, steps])
     means = [mean_and_ci95(accuracy[:, k]) for k in range(curve_steps + 1)]
     row["curve"] = {"steps": list(range(curve_steps + 1)), "accuracy": [m for m, _ in means],
                     "accuracy_ci95": [c for _, c in means]}
-    if device is None:
-        return row
+    row["seconds"] = round(time.perf_counter() - clock, 1)
+    if device is not None:
+        row["device"] = _device_score(device, fixed, setting, steps, accuracy[:, steps])
+    return row, fixed
+
+
+def _device_score(device, fixed, setting: Setting, steps: int, tensorflow) -> dict:
+    """The export's accuracy through the device runtime, and how far it is from TensorFlow's
+    per-episode accuracies ``tensorflow`` on the same episodes."""
     if setting.ways > device.max_ways or setting.shots > device.max_shots:
-        row["device"] = {"skipped": f"the export takes at most {device.max_ways} ways and "
-                                    f"{device.max_shots} shots"}
-        return row
+        return {"skipped": f"the export takes at most {device.max_ways} ways and "
+                           f"{device.max_shots} shots"}
     clock = time.perf_counter()
     on_device = device_accuracies(device, fixed, steps)
     mean, ci = mean_and_ci95(on_device)
-    row["device"] = {"accuracy": mean, "accuracy_ci95": ci, "inner_steps": steps,
-                     "seconds": round(time.perf_counter() - clock, 1),
-                     "episodes_differing": int(np.sum(on_device != accuracy[:, steps])),
-                     "largest_episode_difference": float(np.abs(on_device - accuracy[:, steps]).max())}
-    return row
+    return {"accuracy": mean, "accuracy_ci95": ci, "inner_steps": steps,
+            "seconds": round(time.perf_counter() - clock, 1),
+            "episodes_differing": int(np.sum(on_device != tensorflow)),
+            "largest_episode_difference": float(np.abs(on_device - tensorflow).max())}

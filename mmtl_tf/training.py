@@ -29,11 +29,10 @@ from mmtl_tf.files import atomic_write
 from mmtl_tf.meta.learner import NONFINITE_MARKER, MetaLearner
 from mmtl_tf.models.conv4 import conv4_encoder, mlp_encoder
 from mmtl_tf.preprocessing import Preprocessing
-from mmtl_tf.run_callbacks import (MetricsLog, NonFiniteLossError, RunFolder, StopSignals,
-                                   TrainingInterrupted)
+from mmtl_tf.run_callbacks import (CURVES, HISTORY, TENSORBOARD, MetricsLog, NonFiniteLossError,
+                                   RunFolder, StopSignals, TrainingInterrupted)
 
-RUN_FILES = ("config.json", "metrics.json", "history.csv", "curves.png", checkpoints.FOLDER,
-             "tensorboard")
+RUN_FILES = ("config.json", "metrics.json", HISTORY, CURVES, checkpoints.FOLDER, TENSORBOARD)
 WHERE_DATA_IS = ("data_dir", "source_dir")  # where data is found does not change a run
 
 
@@ -99,6 +98,12 @@ def _family_sampler(config: ExperimentConfig, part: str, first=None):
     if part != "train":
         return load(first or d.families[0])
     return FamilyMix([load(f) for f in d.families], d.family_weights, d.family_mix)
+
+
+def monitor_of(config: ExperimentConfig) -> str:
+    """The validation metric that chooses a run's best state: query accuracy (highest) for
+    classification, query mean squared error (lowest) for the sinusoid's regression."""
+    return "loss" if config.data.family == "sinusoid" else "accuracy"
 
 
 def protocol_of(config: ExperimentConfig) -> str:
@@ -173,7 +178,8 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     step, state = 0, {}
     if (latest := checkpoints.latest(workdir)) is not None:
         record = checkpoints.restore(learner, latest)
-        step, state = record.pop("step"), record
+        step, _ = record.pop("step"), record.pop("config", None)
+        state = record
         if step >= t.steps and (workdir / "metrics.json").is_file():
             print(f"{workdir} holds a finished run of {t.steps} meta-steps; nothing to do")
             return json.loads((workdir / "metrics.json").read_text())
@@ -183,7 +189,8 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
                     t.early_stopping_patience,
                     lambda: _validate(learner, validation, also), signals, config.meta.inner_lr,
                     state, prepare=lambda: calibrate_batch_norm(learner, train_sampler,
-                                                                config.data.seed))
+                                                                config.data.seed),
+                    config=config.to_dict(), monitor=monitor_of(config))
     if step % t.log_every:
         run.period_sums = [v.numpy() for v in learner.metrics_variables]
     log = MetricsLog(workdir, run, resumed_step=step)
@@ -199,9 +206,10 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
                 if run.stopped:
                     break
         except tf.errors.InvalidArgumentError as err:
-            if NONFINITE_MARKER in str(err):
-                raise NonFiniteLossError(str(err).split(NONFINITE_MARKER)[-1].split("\n")[0].strip(
-                    " .[]") + f" -- last good checkpoint kept in {checkpoints.folder(workdir)}") from None
+            if NONFINITE_MARKER in str(err):  # tf.debugging.Assert's "[a] [b] [c]" as "a b c"
+                words = str(err).split(NONFINITE_MARKER)[-1].split("\n")[0].split("] [")
+                raise NonFiniteLossError(" ".join(words).strip(" .[]").replace(" )", ")") + " -- last "
+                                         f"good checkpoint kept in {checkpoints.folder(workdir)}") from None
             raise
     step = int(learner.optimizer.iterations)
     log.write_curves()  # with the last period's row, which follows the last checkpoint
@@ -226,6 +234,15 @@ def _prepare(config: ExperimentConfig, workdir: Path, overwrite: bool) -> None:
         if differ:
             raise ValueError(f"{workdir} holds a run of another configuration (differs in "
                              f"{', '.join(differ)}); use another --workdir, or --force to start over")
+    # A checkpoint names the configuration that wrote it: checked even without config.json
+    # (deleted, or the folder cleared while a stopping run wrote its last checkpoint).
+    if not overwrite and (latest := checkpoints.latest(workdir)) is not None:
+        written_by = checkpoints.read_record(latest).get("config")
+        differ = written_by and config_differences(written_by, json.loads(config.to_json()))
+        if differ:
+            raise ValueError(f"{latest} was written by a run of another configuration (differs "
+                             f"in {', '.join(differ)}); use another --workdir, or --force to "
+                             "start over")
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(stored, config.to_dict())
 
@@ -255,6 +272,15 @@ def _periods(step: int, steps: int, log_every: int):
         yield step, log_every, -(-(steps - step) // log_every)
 
 
+def has_validation_part(config: ExperimentConfig) -> bool:
+    """Whether the config's protocol holds validation classes out of meta-training (the
+    vinyals protocol has none: its published numbers choose on the test characters). Task
+    families always have one: every source holds validation classes out."""
+    d = config.data
+    return bool(d.families) or not (d.family == "omniglot" and d.protocol == "vinyals" and not (
+        d.train_split or d.eval_split))
+
+
 def _validation_episodes(config: ExperimentConfig, setting: str | None = None):
     """The fixed validation episodes (of the training setting, or of ``setting`` such as
     "5w1s"), or None for a protocol without a validation part."""
@@ -266,8 +292,7 @@ def _validation_episodes(config: ExperimentConfig, setting: str | None = None):
             first = dataclasses.replace(first, ways=ways, shots=shots)
         return draw_episodes(_family_sampler(config, "validation", first), t.eval_seed,
                              t.eval_episodes)
-    if config.data.family == "omniglot" and config.data.protocol == "vinyals" and not (
-            config.data.train_split or config.data.eval_split):
+    if not has_validation_part(config):
         return None
     if setting is not None:
         ways, shots = parse_setting(setting)
@@ -278,9 +303,12 @@ def _validation_episodes(config: ExperimentConfig, setting: str | None = None):
 
 def _validate(learner, validation, also: dict) -> dict:
     """The validation report of the training setting; ``settings`` holds the accuracy of each
-    ``train.also_validate`` setting (logged, never used for selection)."""
+    ``train.also_validate`` setting (logged, never used for selection), ``settings_ci95`` the
+    half-width of its 95% confidence interval."""
     report = evaluate_episodes(learner, validation)
-    report["settings"] = {s: evaluate_episodes(learner, e)["accuracy"] for s, e in also.items()}
+    scores = {s: evaluate_episodes(learner, e) for s, e in also.items()}
+    report["settings"] = {s: r["accuracy"] for s, r in scores.items()}
+    report["settings_ci95"] = {s: r["accuracy_ci95"] for s, r in scores.items()}
     return report
 
 
@@ -292,12 +320,29 @@ def _final_metrics(config, workdir: Path, run: RunFolder, step: int) -> dict:
         last = max(run.validated)
         metrics.update(part="validation", scored_on=scored_on(config, "validation"),
                        validated_at=last, best_step=run.state["best_step"],
-                       best_accuracy=run.state["best_accuracy"], **run.validated[last])
+                       **{run.best_key: run.state[run.best_key]}, **run.validated[last])
+        if "pre_accuracy" in metrics:  # what the inner loop adds over the starting head
+            metrics["adaptation_gain"] = metrics["accuracy"] - metrics["pre_accuracy"]
+            if abs(metrics["adaptation_gain"]) < NEGLIGIBLE_GAIN:
+                metrics["note"] = adaptation_note(metrics, config.meta)
+                print(f"note: {metrics['note']}")
     elif run.state.get("best_step") is None:
         metrics["validation"] = ("none: the vinyals protocol has no validation part; score the "
                                  "test characters with pipelines/evaluate.py")
     write_json(workdir / "metrics.json", metrics)
     return metrics
+
+
+NEGLIGIBLE_GAIN = 0.002  # validation accuracy, as a fraction
+
+
+def adaptation_note(metrics: dict, meta) -> str:
+    """The sentence a run ends with when adaptation does not change its validation accuracy."""
+    return (f"adaptation changed validation accuracy by {100 * metrics['adaptation_gain']:+.2f} "
+            f"points ({metrics['pre_accuracy']:.2%} at the starting {meta.head_init} head, "
+            f"{metrics['accuracy']:.2%} after {metrics['inner_steps']} step(s)): at this setting "
+            "the model classifies with its starting head and the inner loop does not matter "
+            "(pipelines/diagnose.py shows each step)")
 
 
 def calibrate_batch_norm(learner, sampler, seed: int, episodes: int = 64) -> None:

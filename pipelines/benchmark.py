@@ -56,7 +56,7 @@ def _device(kind, args):
     """5-way 1-shot and 20-way 5-shot adaptation + prediction latency on one core."""
     from mmtl_tf import benchmarking as b
 
-    ways, shots = {"5w1s": (5, 1), "20w5s": (20, 5)}[kind.split("-")[-1]]
+    ways, shots = {"5w1s": (5, 1), "20w1s": (20, 1), "20w5s": (20, 5)}[kind.split("-")[-1]]
     if kind.startswith("device"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
         from mmtl_tf.ondevice.bench import device_latency
@@ -105,7 +105,7 @@ def main(argv=None):
     if args.data:
         results += [child("data-5w1s", args), child("data-20w5s", args)]
     if args.device:
-        results += [child(f"{kind}-{size}", args) for size in ("5w1s", "20w5s")
+        results += [child(f"{kind}-{size}", args) for size in ("5w1s", "20w1s", "20w5s")
                     for kind in ("device", "tf-adapt")]
     if args.engine:
         results += [child("engine-so", args), child("engine-fo", args), child("engine-ceiling", args),

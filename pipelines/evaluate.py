@@ -2,9 +2,14 @@
 (evaluation.json, evaluation.md, curves.png, episode.png):
 python pipelines/evaluate.py --workdir runs/omniglot-5w1s           # the five-task table
 python pipelines/evaluate.py --workdir exported/omniglot-5w1s --out reports/omniglot-5w1s
-python pipelines/evaluate.py --workdir runs/omniglot-5w1s --ways 20 --shots 1 --steps 10"""
+python pipelines/evaluate.py --workdir runs/omniglot-5w1s --ways 20 --shots 1 --steps 10
+A sinusoid model: mean squared error after 1 and 10 steps at K = 5, 10, 20 support points,
+beside a baseline adapted the same way (evaluation.json, evaluation.md, curves.png, tasks.png):
+python pipelines/evaluate.py --workdir exported/sinusoid --baseline exported/sinusoid-pretrained \
+    --out reports/sinusoid"""
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -35,6 +40,8 @@ def main(argv=None):
                         help="the accuracy curve runs from 0 to this many steps")
     parser.add_argument("--export", help="an export folder of this run: also score it on the same "
                         "episodes through the device runtime (onnxruntime)")
+    parser.add_argument("--baseline", help="sinusoid only: a run or export (preset "
+                        "sinusoid-pretrained) scored beside the model on the same tasks")
     parser.add_argument("--checkpoint", default="best", choices=["best", "latest"],
                         help="a run's state with the best validation accuracy, or its last")
     parser.add_argument("--verbose", action="store_true",
@@ -50,9 +57,18 @@ def main(argv=None):
                           *(sys.argv[1:] if argv is None else argv)])
     report = evaluate_run(args.workdir, args.out, args.part, settings, args.queries,
                           args.episodes, args.seed, args.steps, args.curve_steps, args.export,
-                          args.checkpoint, command, log=lambda line: print(line, flush=True))
+                          args.checkpoint, command, log=lambda line: print(line, flush=True),
+                          baseline=args.baseline)
     print(f"\nwrote {', '.join(report['files'])} to {report['out']} in {report['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
+    # One TensorFlow thread per operation, episodes in parallel instead (one per core,
+    # evaluation.accuracy_curve): on this project's 2-core machine with another job on one core,
+    # 5-way 1-shot took 84 s against 100 s with the default pools, 20-way 1-shot 151 s against
+    # 152 s (README, "Evaluating"). TensorFlow reads the variable once, when it creates its CPU
+    # device, so it is set here, before the script imports TensorFlow, and nowhere else: main()
+    # called in a running process (the tests) keeps that process's threads and raises nothing.
+    # A value already in the environment wins.
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
     cli.run(main)

@@ -20,6 +20,9 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="the export folder to write")
     parser.add_argument("--max-shots", type=int, default=5, help="largest K the device graphs accept")
     parser.add_argument("--model-card", help="a Markdown model card to ship as MODEL_CARD.md")
+    parser.add_argument("--attach", action="append", default=[], metavar="FILE",
+                        help="a file to ship in the export under its own name, hashed like the "
+                        "others (an evaluation report, a plot); repeatable")
     parser.add_argument("--checkpoint", default="best", choices=["best", "latest"],
                         help="the run's state with the best validation accuracy, or its last")
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
@@ -33,7 +36,8 @@ def main(argv=None):
         workdir = args.workdir or rebuild_run(args.from_export, f"{scratch}/run")
         checkpoint = args.checkpoint if args.workdir else "best"  # a rebuilt run has one state
         manifest = export(workdir, args.out, force=args.force, max_shots=args.max_shots,
-                          model_card=args.model_card, checkpoint=checkpoint)
+                          model_card=args.model_card, checkpoint=checkpoint,
+                          attachments=args.attach)
     print(json.dumps({"out": args.out, "files": manifest["files"]}, indent=2))
 
 

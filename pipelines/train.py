@@ -1,9 +1,9 @@
 """Meta-train a preset: python pipelines/train.py --preset omniglot-5w1s --workdir runs/5w1s
+or a configuration file: python pipelines/train.py --config runs/tune/best_config.json --workdir runs/best
 
 Rerunning the same command on the same --workdir resumes the run from its last checkpoint.
 Several task families in one model: repeat --family (see README, "Several task families")."""
 
-import argparse
 import json
 
 from mmtl_tf import cli
@@ -12,12 +12,17 @@ from mmtl_tf import cli
 def main(argv=None):
     from mmtl_tf.config import PRESETS
 
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser = cli.ArgumentParser(description=__doc__)
+    start = parser.add_mutually_exclusive_group(required=True)
+    start.add_argument("--preset", choices=sorted(PRESETS))
+    start.add_argument("--config", metavar="PATH.json",
+                       help="a configuration file instead of a preset (a run's config.json, "
+                       "tune.py's best_config.json); --set and the other flags apply on top")
     parser.add_argument("--workdir", required=True,
                         help="run folder (config, checkpoints, history, TensorBoard, metrics)")
     parser.add_argument("--steps", type=int, help="meta-training steps (default: the preset's)")
-    parser.add_argument("--algorithm", help="maml, fomaml, metasgd, mamlpp, anil or reptile")
+    parser.add_argument("--algorithm", help="maml, fomaml, metasgd, mamlpp, anil, reptile, or "
+                        "pretrain (the regression baseline: no inner loop in training)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a configuration field, e.g. --set train.meta_lr=5e-4 "
                         "--set meta.inner_steps=3 (repeatable; values are JSON or text)")
@@ -42,7 +47,8 @@ def main(argv=None):
                         help="TensorFlow's start-up messages and full tracebacks")
     args = parser.parse_args(argv)
     cli.quiet_tensorflow(args.verbose)
-    from mmtl_tf.config import apply_overrides, parse_family, preset, with_families
+    from mmtl_tf.config import (ExperimentConfig, apply_overrides, parse_family, preset,
+                                with_families)
     from mmtl_tf.training import make_strategy, train
 
     overrides = list(args.set)
@@ -57,7 +63,7 @@ def main(argv=None):
             overrides.append(f"data.{key}={getattr(args, key)}")
     if args.family_mix:
         overrides.append(f"data.family_mix={args.family_mix}")
-    config = preset(args.preset)
+    config = ExperimentConfig.from_file(args.config) if args.config else preset(args.preset)
     if args.family:  # first: --set may name switches that need families (meta.family_weighting)
         config = with_families(config, [parse_family(text) for text in args.family])
     config = apply_overrides(config, overrides)

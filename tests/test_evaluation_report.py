@@ -75,6 +75,37 @@ def test_the_curve_after_k_steps_equals_adapting_k_steps_then_predicting(export_
         assert np.mean(hits) == pytest.approx(curve[k], abs=1e-12)
 
 
+def test_the_pictured_predictions_follow_the_tables_steps_where_adapt_keeps_an_earlier_one():
+    import warnings
+
+    from mmtl_tf.best_step import AdaptationWarning
+    from mmtl_tf.config import preset
+    from mmtl_tf.data.episodes import Episode
+    from mmtl_tf.evaluation import accuracy_curve, predicted_labels
+    from mmtl_tf.training import build_learner
+
+    # An untrained tiny learner at inner_lr 2 on random images: the support loss falls at the
+    # first step (the head alone) and rises at the next two.
+    learner = build_learner(preset("tiny").replace(meta={"inner_lr": 2.0, "transductive": False}))
+    rng = np.random.default_rng(0)
+    ways, shots, queries, steps = 5, 3, 7, 3
+    episode = Episode(rng.random((ways * shots, 28, 28, 1), dtype=np.float32),
+                      np.repeat(np.arange(ways, dtype=np.int32), shots),
+                      rng.random((ways * queries, 28, 28, 1), dtype=np.float32),
+                      np.repeat(np.arange(ways, dtype=np.int32), queries),
+                      np.arange(ways, dtype=np.int64), np.zeros(0, np.float32))
+    with pytest.warns(AdaptationWarning, match="kept_best_step"):
+        kept = learner.adapt(episode.support_x, episode.support_y, ways, steps)
+    assert kept.steps_run < steps, "a user's adapt() keeps an earlier step here"
+    curve = accuracy_curve(learner, Episode(*(f[None] for f in episode)), steps)["accuracy"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the table's fixed steps neither keep nor warn
+        predicted = predicted_labels(learner, episode, steps)
+    assert np.mean(predicted == episode.query_y) == pytest.approx(curve[steps], abs=1e-12)
+    assert curve[steps] != pytest.approx(curve[kept.steps_run], abs=1e-12), \
+        "the table's step and the kept one score differently, so the test can tell them apart"
+
+
 def test_the_device_runtime_scores_the_same_episodes_as_tensorflow(export_report):
     report, _ = export_report
     assert report["device"]["runtime"].startswith("mmtl_tf.ondevice")
@@ -151,3 +182,20 @@ def test_a_folder_that_is_not_a_run_is_one_line_and_a_nonzero_exit(tmp_path, cap
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1
     assert f"{tmp_path} is neither a training run" in err
+
+
+def test_a_table_with_no_task_within_max_ways_is_one_line_and_a_nonzero_exit(tmp_path, capsys):
+    from mmtl_tf import checkpoints
+    from mmtl_tf.config import preset
+    from mmtl_tf.training import build_learner
+
+    config = preset("tiny").replace(data={"ways": 3}, meta={"max_ways": 4})  # no data read
+    (tmp_path / "config.json").write_text(config.to_json())
+    checkpoints.save(build_learner(config), checkpoints.folder(tmp_path) / checkpoints.BEST,
+                     {"step": 0})
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(_evaluate_main(), ["--workdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert ("every task of the table has more ways than the model's max_ways=4; choose one "
+            "with --ways <= 4 --shots K") in err

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,14 @@ from mmtl_tf.run_callbacks import read_history
 
 TRAIN = Path(__file__).parents[1] / "pipelines" / "train.py"
 STEPS = 10
-# Small periods and checkpoints so that a kill lands between two checkpoints, mid-period.
-SETTINGS = ["--set", "train.log_every=4", "--set", "train.checkpoint_every=3",
+# Short periods and checkpoints 5 steps apart, so that a kill can land after a period logged
+# past the last checkpoint (step 6, 7 or 8 after the checkpoint at 5), mid-period.
+SETTINGS = ["--set", "train.log_every=2", "--set", "train.checkpoint_every=5",
             "--set", "train.eval_every=4", "--steps", str(STEPS)]
 
 
 def _config():
-    return preset("tiny").replace(train={"steps": STEPS, "log_every": 4, "checkpoint_every": 3,
+    return preset("tiny").replace(train={"steps": STEPS, "log_every": 2, "checkpoint_every": 5,
                                          "eval_every": 4})
 
 
@@ -36,12 +38,48 @@ def _start(workdir):
                             text=True)
 
 
-def _wait_for_checkpoint(process, workdir, timeout=300):
+def _wait_for(process, ready, what, timeout=300):
     start = time.monotonic()
-    while checkpoints.latest(workdir) is None:
+    while not ready():
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() - start < timeout, "no checkpoint appeared"
-        time.sleep(0.05)
+        assert time.monotonic() - start < timeout, f"no {what} appeared"
+        time.sleep(0.02)
+
+
+def _wait_for_checkpoint(process, workdir):
+    _wait_for(process, lambda: checkpoints.latest(workdir) is not None, "checkpoint")
+
+
+def _checkpointed_step(workdir) -> int:
+    latest = checkpoints.latest(workdir)
+    return -1 if latest is None else int(latest.stem.split("-")[1])  # step-00000005.npz
+
+
+def _logged_past_checkpoint(workdir) -> bool:
+    """TensorBoard holds a step after the latest checkpoint: a kill now leaves events of a
+    step that the rerun logs again."""
+    import tensorflow as tf
+
+    checkpointed = _checkpointed_step(workdir)
+    try:
+        steps = [step for step, _ in _scalar_events(workdir).get("loss", [])]
+    except tf.errors.DataLossError:  # a record half written
+        return False
+    return checkpointed >= 0 and bool(steps) and max(steps) > checkpointed
+
+
+def _scalar_events(workdir) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] of every TensorBoard event file of a run, in file order."""
+    import tensorflow as tf
+
+    tags = {}
+    for event_file in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") \
+                    else value.simple_value
+                tags.setdefault(value.tag, []).append((event.step, number))
+    return tags
 
 
 def _arrays(path, group):
@@ -58,16 +96,32 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
-def test_a_sigkilled_run_rerun_ends_where_an_uninterrupted_one_does(tmp_path, uninterrupted):
-    process = _start(tmp_path)
-    _wait_for_checkpoint(process, tmp_path)
+class Resumed(typing.NamedTuple):
+    workdir: Path
+    killed_at: int  # the step of the checkpoint the rerun resumed from
+    logged_before_rerun: dict  # the killed run's TensorBoard scalars
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> Resumed:
+    """A real train.py process killed with SIGKILL after it logged a period past its last
+    checkpoint, then the same command rerun to the end."""
+    workdir = tmp_path_factory.mktemp("killed")
+    process = _start(workdir)
+    _wait_for(process, lambda: _logged_past_checkpoint(workdir), "period logged past a checkpoint")
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_at = checkpoints.read_record(checkpoints.latest(tmp_path))["step"]
+    killed_at = checkpoints.read_record(checkpoints.latest(workdir))["step"]
     assert killed_at < STEPS, "the kill landed before the end"
-    rerun = subprocess.run(_command(tmp_path), capture_output=True, text=True, timeout=600)
+    logged = _scalar_events(workdir)
+    rerun = subprocess.run(_command(workdir), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"resuming {tmp_path} at meta-step {killed_at} of {STEPS}" in rerun.stdout
+    assert f"resuming {workdir} at meta-step {killed_at} of {STEPS}" in rerun.stdout
+    return Resumed(workdir, killed_at, logged)
+
+
+def test_a_sigkilled_run_rerun_ends_where_an_uninterrupted_one_does(resumed, uninterrupted):
+    tmp_path = resumed.workdir
     final, reference = checkpoints.latest(tmp_path), checkpoints.latest(uninterrupted)
     assert final.name == reference.name == f"step-{STEPS:08d}.npz"
     # The same episodes, optimizer moments and step counter: equal up to float32 round-off
@@ -76,11 +130,25 @@ def test_a_sigkilled_run_rerun_ends_where_an_uninterrupted_one_does(tmp_path, un
         for got, want in zip(_arrays(final, group), _arrays(reference, group), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     rows, want = read_history(tmp_path), read_history(uninterrupted)
-    assert [r["step"] for r in rows] == [r["step"] for r in want] == [4, 8, 10]
+    assert [r["step"] for r in rows] == [r["step"] for r in want] == [2, 4, 6, 8, 10]
     for got, expected in zip(rows, want):  # a period cut by the kill reports its whole mean
         assert got.keys() == expected.keys()
-        for name in got:
+        for name in set(got) - {"seconds"}:  # wall time differs between processes
             assert got[name] == pytest.approx(expected[name], rel=1e-4), name
+
+
+def test_tensorboard_has_each_step_once_after_a_sigkill_and_rerun(resumed, uninterrupted):
+    before = resumed.logged_before_rerun["loss"]
+    assert max(step for step, _ in before) > resumed.killed_at, \
+        "the killed run had logged a step past its checkpoint, which the rerun logs again"
+    logged, want = _scalar_events(resumed.workdir), _scalar_events(uninterrupted)
+    assert logged.keys() == want.keys()
+    rows = {r["step"]: r for r in read_history(resumed.workdir)}
+    for tag, points in logged.items():
+        steps = [step for step, _ in points]
+        assert steps == [step for step, _ in want[tag]], tag  # each once, in order
+        for step, value in points:  # the rerun's history, also where the kill cut a period
+            assert value == pytest.approx(rows[step][tag], rel=1e-6), (tag, step)
 
 
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(tmp_path):
@@ -161,16 +229,13 @@ def test_early_stopping_stops_after_patience_validations_without_improvement(tmp
 
 
 def test_history_and_tensorboard_carry_the_meta_metrics_and_validation(uninterrupted):
-    import tensorflow as tf
-
     rows = read_history(uninterrupted)
-    assert {"loss", "accuracy", "support_loss", "meta_lr", "val_accuracy"} <= set(rows[0])
-    tags = {}
-    for event_file in (uninterrupted / "tensorboard").glob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
-            for value in event.summary.value:
-                tags.setdefault(value.tag, []).append(event.step)
-    assert tags["val_accuracy"] == [4, 8, 10] and tags["loss"] == [4, 8, 10]
+    assert {"loss", "accuracy", "support_loss", "meta_lr", "val_accuracy"} <= set(rows[1])
+    seconds = [r["seconds"] for r in rows]  # training wall time so far: grows with every row
+    assert 0 < seconds[0] and all(a < b for a, b in zip(seconds, seconds[1:]))
+    tags = {tag: [step for step, _ in points]
+            for tag, points in _scalar_events(uninterrupted).items()}
+    assert tags["val_accuracy"] == [4, 8, 10] and tags["loss"] == [2, 4, 6, 8, 10]
     assert (uninterrupted / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((uninterrupted / "metrics.json").read_text())
     assert metrics["accuracy"] == pytest.approx(rows[-1]["val_accuracy"])
@@ -192,3 +257,35 @@ def test_the_command_line_refuses_bad_input_in_one_line(tmp_path):
     other = run()
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert "holds a run of another configuration (differs in train.meta_lr (0.5 -> 0.001))" in other.stderr
+
+
+def test_a_checkpoint_is_not_resumed_under_another_configuration_without_config_json(tmp_path):
+    """A checkpoint carries the configuration that wrote it: with config.json gone (deleted, or
+    the folder half cleared while a stopping run wrote its last checkpoint), a rerun with other
+    settings is refused naming the fields, instead of continuing the old run as the new one."""
+    from mmtl_tf.training import train
+
+    config = preset("tiny").replace(train={"steps": 2, "checkpoint_every": 2, "eval_every": 0})
+    train(config, tmp_path, verbose=0)
+    (tmp_path / "config.json").unlink()
+    other = config.replace(meta={"inner_lr": 0.2}, train={"steps": 4})
+    with pytest.raises(ValueError, match=r"step-00000002.npz was written by a run of another "
+                       r"configuration \(differs in meta.inner_lr \(0.4 -> 0.2\), train.steps "
+                       r"\(2 -> 4\)\); use another --workdir, or --force"):
+        train(other, tmp_path, verbose=0)
+    longer = config.replace(train={"steps": 2})  # the same configuration resumes
+    assert train(longer, tmp_path, verbose=0)["steps"] == 2
+
+
+def test_a_run_whose_inner_loop_changes_nothing_says_so(tmp_path, capsys):
+    """An inner step too small to move any prediction (here a rate of 1e-9) is not reported as
+    adaptation: the run ends naming the gain over the starting head and what it means."""
+    from mmtl_tf.training import train
+
+    config = preset("tiny").replace(meta={"head_init": "learned", "inner_lr": 1e-9},
+                                    train={"steps": 2, "eval_every": 2, "checkpoint_every": 2})
+    metrics = train(config, tmp_path, verbose=0)
+    assert metrics["adaptation_gain"] == metrics["accuracy"] - metrics["pre_accuracy"]
+    assert abs(metrics["adaptation_gain"]) < 1e-6
+    assert metrics["note"].startswith("adaptation changed validation accuracy by +0.00 points")
+    assert "the inner loop does not matter" in capsys.readouterr().out

@@ -25,14 +25,17 @@ FORMAT_VERSION = 1
 
 
 def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | None = None,
-           model_card=None, checkpoint: str = "best") -> dict:
+           model_card=None, checkpoint: str = "best", attachments=()) -> dict:
     """Exports the training run in ``workdir`` to the folder ``out``. Returns the manifest.
 
     ``model_card``: a Markdown file copied in as MODEL_CARD.md (hashed like every file);
-    ``checkpoint``: the run's "best" (by validation accuracy) or "latest" state.
+    ``checkpoint``: the run's "best" (by validation) or "latest" state; ``attachments``: more
+    files (an evaluation report, its plots) copied in under their own names and hashed.
+    A regression learner (the sinusoid) is exported by ``mmtl_tf.export.regression``: its
+    parameters, model.keras and the predict and adapt_step graphs (no SavedModel, no device
+    runtime graphs; ``max_shots`` does not apply).
     """
-    from mmtl_tf.export import onnx_convert, saved_model
-    from mmtl_tf.export.signatures import ExportSpec, Exportable
+    from mmtl_tf.export import onnx_convert
     from mmtl_tf.training import load_learner
 
     opset = opset or onnx_convert.OPSET
@@ -40,6 +43,7 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | N
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to "
                               "replace it")
+    _check_attachments(attachments)
     learner, config = load_learner(workdir, checkpoint)
     if learner.config.proximal:  # the device would adapt without it: refuse, do not drift
         raise ValueError(f"{workdir} adapts with a proximal term (meta.proximal="
@@ -47,25 +51,27 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | N
                          "not carry yet; export a run trained with meta.proximal=0")
     if max_shots < 1:
         raise ValueError(f"max_shots={max_shots} must be >= 1")
-    spec = ExportSpec(config.data.image_size, 1, learner.config.max_ways, max_shots,
-                      learner.config.transductive, learner.config.learned_inner_lr)
-    exportable = Exportable(learner, spec)
+    if learner.task == "regression":
+        from mmtl_tf.export import regression
+
+        regression.check_exportable(learner)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        graphs = onnx_convert.export_graphs(exportable, opset=opset)
-        graphs.update(_bucket_graphs(learner, spec, opset))
-        for stem, model in sorted(graphs.items()):
-            onnx_convert.write_onnx(model, tmp / f"{stem}.onnx")
-        write_params(tmp / PARAMS, exportable)
+        write = _write_regression if learner.task == "regression" else _write_classifier
+        build = write(tmp, learner, config, max_shots, opset)
         learner.save(tmp / "model.keras")
-        saved_model.save(exportable, learner.config.eval_inner_steps, tmp / "saved_model")
         if model_card is not None:
             shutil.copyfile(model_card, tmp / "MODEL_CARD.md")
         for name in ("config.json", "metrics.json"):
             if (Path(workdir) / name).is_file():
                 shutil.copyfile(Path(workdir) / name, tmp / name)
-        manifest = build_manifest(tmp, exportable, config, graphs, opset)
+        for path in map(Path, attachments):
+            if (tmp / path.name).exists():
+                raise ValueError(f"the attachment {path} has the name of an exported file; "
+                                 "rename it")
+            shutil.copyfile(path, tmp / path.name)
+        manifest = build()
         write_manifest(tmp, manifest)
         tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shipped
         replace_folder(tmp, out)
@@ -73,6 +79,53 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _check_attachments(attachments) -> None:
+    names = [Path(a).name for a in attachments]
+    for path in map(Path, attachments):
+        if not path.is_file():
+            raise FileNotFoundError(f"the attachment {path} is not a file")
+    if len(set(names)) != len(names):
+        raise ValueError(f"attachments {names} repeat a file name; each is copied in under its own")
+    reserved = sorted(set(names) & {MANIFEST, MANIFEST + ".sha256"})
+    if reserved:
+        raise ValueError(f"an attachment may not be named {reserved[0]}, which the export writes")
+
+
+def _write_classifier(folder: Path, learner, config, max_shots: int, opset: int):
+    """Writes a classifier's graphs (with the support-size buckets), params.npz and SavedModel;
+    returns the function that builds the manifest once every file is in place."""
+    from mmtl_tf.export import onnx_convert, saved_model
+    from mmtl_tf.export.signatures import ExportSpec, Exportable
+
+    spec = ExportSpec(config.data.image_size, 1, learner.config.max_ways, max_shots,
+                      learner.config.transductive, learner.config.learned_inner_lr)
+    exportable = Exportable(learner, spec)
+    graphs = onnx_convert.export_graphs(exportable, opset=opset)
+    graphs.update(_bucket_graphs(learner, spec, opset))
+    for stem, model in sorted(graphs.items()):
+        onnx_convert.write_onnx(model, folder / f"{stem}.onnx")
+    write_params(folder / PARAMS, exportable)
+    saved_model.save(exportable, learner.config.eval_inner_steps, folder / "saved_model")
+    return lambda: build_manifest(folder, exportable, config, graphs, opset)
+
+
+def _write_regression(folder: Path, learner, config, max_shots: int, opset: int):
+    """Writes a regression learner's predict and adapt_step graphs and params.npz (the
+    meta-initialisation and ``lr_<param>``); returns the manifest's builder."""
+    from mmtl_tf.export import onnx_convert, regression
+
+    graphs = regression.graphs(learner, opset)
+    for stem, model in sorted(graphs.items()):
+        onnx_convert.write_onnx(model, folder / f"{stem}.onnx")
+    names, params = regression.parameters(learner)
+    arrays = {n: np.asarray(p) for n, p in zip(names, params)}
+    arrays.update({"lr_" + n: np.asarray(r, np.float32)
+                   for n, r in zip(names, regression.inner_rates(learner))})
+    write_npz(folder / PARAMS, arrays)
+    return lambda: regression.manifest(folder, learner, config, graphs, opset, PARAMS,
+                                       FORMAT_VERSION)
 
 
 def rebuild_run(export_folder, workdir) -> Path:
@@ -143,7 +196,8 @@ def write_npz(path: Path, arrays: dict) -> None:
     Path(path).write_bytes(buffer.getvalue())
 
 
-def _graph_io(model) -> dict:
+def graph_io(model) -> dict:
+    """Names, shapes and dtypes of a graph's inputs and outputs, as the manifest lists them."""
     import onnx
 
     def describe(values):
@@ -179,7 +233,7 @@ def build_manifest(folder: Path, exportable, config, graphs: dict, opset: int) -
         "algorithm": learner.config.algorithm,
         "onnx_opset": opset,
         "parameters": exportable.names, "batch_norm_statistics": exportable.bn,
-        "graphs": {stem: {"file": f"{stem}.onnx", **_graph_io(model)} for stem, model in sorted(graphs.items())},
+        "graphs": {stem: {"file": f"{stem}.onnx", **graph_io(model)} for stem, model in sorted(graphs.items())},
         "params_file": PARAMS,
         "meta_init_sha256": sha256(folder / PARAMS),
         "training_config": config.to_dict(),

@@ -2,7 +2,8 @@
 
 MAML, first-order MAML, Meta-SGD, MAML++, ANIL and Reptile differ only in a few switches of
 the same inner loop and train step; ``MetaConfig`` holds the switches and ``resolve`` fills them
-from the algorithm's name.
+from the algorithm's name. ``pretrain`` is the baseline they are measured against (the MAML
+paper's "pretrained" model): no inner loop in training, adapted like MAML at evaluation.
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from __future__ import annotations
 import dataclasses
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "mamlpp", "anil", "reptile")
+# Trained without an inner loop: plain regression of the starting weights on every point of
+# every task (support and query pooled), then fine-tuned at evaluation exactly as MAML adapts
+# (eval_inner_steps SGD steps at inner_lr). The same budget as a meta-training run of the same
+# config: meta_batch_size tasks of shots + queries points per step, for train.steps steps.
+BASELINES = ("pretrain",)
 LEARNED_LR = ("none", "per_element", "per_layer_per_step")
+HEAD_INITS = ("learned", "zero", "proto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +25,8 @@ class MetaConfig:
     """Meta-learning switches.
 
     Attributes:
-      algorithm: one of ALGORITHMS; ``resolve`` sets the switches that define it.
+      algorithm: one of ALGORITHMS, or a baseline of BASELINES; ``resolve`` sets the switches
+        that define it.
       inner_steps: SGD steps on the support set during meta-training.
       eval_inner_steps: steps at evaluation and adaptation time (often more than in training).
       inner_lr: inner SGD learning rate (the initial value when it is learned).
@@ -69,8 +77,11 @@ class MetaConfig:
     parallel_iterations: int = 2
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm={self.algorithm!r} is unknown; choose one of {ALGORITHMS}")
+        if self.algorithm not in ALGORITHMS + BASELINES:
+            raise ValueError(f"algorithm={self.algorithm!r} is unknown; choose one of "
+                             f"{ALGORITHMS + BASELINES}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init={self.head_init!r} is unknown; choose one of {HEAD_INITS}")
         if self.learned_inner_lr not in LEARNED_LR:
             raise ValueError(f"learned_inner_lr={self.learned_inner_lr!r}; choose one of {LEARNED_LR}")
         if self.inner_steps < 1 or self.eval_inner_steps < 1:
@@ -90,6 +101,23 @@ class MetaConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
                 raise ValueError(f"meta.{name}={value!r} must be a finite number >= 0 (0 is off)")
+        if self.algorithm == "pretrain":
+            unused = [f"{name}={getattr(self, name)!r}" for name, off in PRETRAIN_UNUSED
+                      if getattr(self, name) != off]
+            if unused:
+                raise ValueError(f"algorithm='pretrain' has no inner loop in training, so "
+                                 f"{', '.join(unused)} would do nothing; drop them")
+
+    @property
+    def adapts_in_training(self) -> bool:
+        """False for the pretrained baseline: its training never runs the inner loop."""
+        return self.algorithm not in BASELINES
+
+
+# Switches of the training inner loop, which the pretrained baseline does not have, and their
+# off values.
+PRETRAIN_UNUSED = (("first_order", False), ("learned_inner_lr", "none"),
+                   ("multi_step_loss", False), ("first_order_until", 0), ("reptile", False))
 
 
 def resolve(config: MetaConfig) -> MetaConfig:
@@ -101,19 +129,28 @@ def resolve(config: MetaConfig) -> MetaConfig:
         "mamlpp": {"learned_inner_lr": "per_layer_per_step", "multi_step_loss": True},
         "anil": {"adapt_head_only": True},
         "reptile": {"reptile": True, "first_order": True},
+        "pretrain": {},
     }[config.algorithm]
     return dataclasses.replace(config, **switches)
 
 
-def training_problem(config: MetaConfig, head_init: str) -> str | None:
+def training_problem(config: MetaConfig, head_init: str,
+                     task: str = "classification") -> str | None:
     """Why meta-training ``config`` would not do what its name says, or None.
 
     ``head_init`` is the head the task starts from ("learned" for regression, whatever the
     config says). At a zero head the support loss does not depend on the encoder (its features
     meet a zero matrix), so the first inner step moves only the head: with one step, MAML and
     its relatives train exactly what ANIL trains, and Reptile (whose zero head has no meta-head
-    to move) learns nothing at all.
+    to move) learns nothing at all. The pretrained baseline is defined for regression only:
+    classification episodes relabel their classes 0..N-1 in every episode, so there is no fixed
+    target to regress the starting weights to.
     """
+    if config.algorithm == "pretrain" and task != "regression":
+        return ("algorithm='pretrain' (plain regression of the starting weights, no inner loop) "
+                "is a baseline for regression tasks only: classification episodes relabel their "
+                "classes 0..N-1 in every episode, so its head would learn nothing; use it with "
+                "the sinusoid family (preset sinusoid-pretrained)")
     config = resolve(config)
     if head_init != "zero" or config.inner_steps > 1 or config.adapt_head_only:
         return None

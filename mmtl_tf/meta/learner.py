@@ -124,14 +124,21 @@ class MetaLearner(keras.Model):
                       masks=None):
         """Adapts to one task (no task axis). Returns (dict of scalar tensors, fast weights the
         task started from, adapted fast weights). ``training`` adds MAML++'s multi-step loss
-        (``meta_loss``), whose weights follow the optimizer's step counter. ``values``: tensors
-        to use instead of ``meta_variables`` (theta, then the learned inner rates). ``masks``:
-        (support rows, query rows, classes) of a padded task (``FamilyBatch``), or None."""
+        (``meta_loss``), whose weights follow the optimizer's step counter; for the pretrained
+        baseline ``meta_loss`` is the starting weights' loss on support and query together.
+        ``values``: tensors to use instead of ``meta_variables`` (theta, then the learned inner
+        rates). ``masks``: (support rows, query rows, classes) of a padded task
+        (``FamilyBatch``), or None."""
         support_mask, query_mask, class_mask = masks or (None, None, None)
         if values is None:
             values = [tf.convert_to_tensor(v) for v in self.meta_variables]
         count = len(self.meta_params)
         meta_params, inner_lrs = values[:count], values[count:]
+        pretraining = training and not self.config.adapts_in_training
+        if pretraining:
+            pooled_loss = self._pooled_loss(episode, ways, meta_params)
+            # The adaptation below only reports the usual metrics; nothing flows back through it.
+            meta_params = [tf.stop_gradient(p) for p in meta_params]
         query_all = self.config.multi_step_loss and training
         adapted = il.adapt(self.loop, meta_params, episode.support_x, episode.support_y, ways,
                            steps, self.learning_rates(ways, inner_lrs), first_order,
@@ -149,7 +156,7 @@ class MetaLearner(keras.Model):
                                                  self.config.multi_step_anneal), losses.dtype)
             result["meta_loss"] = tf.reduce_sum(weights * losses)
         else:
-            result["meta_loss"] = post_loss
+            result["meta_loss"] = pooled_loss if pretraining else post_loss
         if self.task == "classification":
             result["accuracy"] = _accuracy(outputs, episode.query_y, query_mask)
         if self.track_pre_adaptation:
@@ -166,6 +173,14 @@ class MetaLearner(keras.Model):
         metrics = {name: tf.cast(value if name == "meta_loss" else tf.stop_gradient(value),
                                  tf.float32) for name, value in result.items()}
         return metrics, adapted.start, adapted.params
+
+    def _pooled_loss(self, episode, ways, meta_params):
+        """The pretrained baseline's training loss: the starting weights' mean loss on the
+        task's support and query points together (K + Q), no adaptation."""
+        start = self.loop.task_params(meta_params, episode.support_x, episode.support_y, ways)
+        x = tf.concat([episode.support_x, episode.query_x], 0)  # (K + Q, ...)
+        y = tf.concat([episode.support_y, episode.query_y], 0)
+        return self.loop.loss(self.loop.logits(start, x), y)
 
     def task_metrics(self, episodes, steps, first_order=True, training=False):
         """Per-task metrics (each (tasks,)) of a meta-batch, tasks mapped by tf.map_fn:
@@ -359,7 +374,7 @@ class MetaLearner(keras.Model):
         """Keras' compile, after refusing a configuration whose meta-training would not do what
         its name says (``algorithms.training_problem``). Keras wraps the optimizer in a
         LossScaleOptimizer under the mixed_float16 policy; ``train_step`` scales the loss."""
-        problem = training_problem(self.config, self.loop.head_init)
+        problem = training_problem(self.config, self.loop.head_init, self.task)
         if problem:
             raise ValueError(problem)
         super().compile(optimizer=optimizer, **kwargs)

@@ -46,6 +46,10 @@ def read_verified(folder: Path) -> tuple[dict, dict[str, bytes]]:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise ExportError(f"{manifest_path}: format_version {version!r} is not one this runtime "
                           f"reads ({FORMAT_VERSIONS}); update mmtl_tf")
+    if manifest.get("task") == "regression":
+        raise ExportError(f"{folder} is a regression export ({manifest.get('name')}); this runtime "
+                          "adapts image classifiers: run its adapt_step.onnx and predict.onnx "
+                          "with onnxruntime (exported/README.md) or load its model.keras")
     try:
         return manifest, _verified_files(folder, manifest)
     except KeyError as err:
