@@ -22,6 +22,7 @@ import tensorflow as tf
 from mmtl_tf import checkpoints
 from mmtl_tf.config import ExperimentConfig, parse_setting
 from mmtl_tf.data.episode_files import draw_episodes
+from mmtl_tf.data.family_sources import held_out_samplers
 from mmtl_tf.data.episodes import EpisodeSampler, episode_dataset
 from mmtl_tf.data.sinusoid import SinusoidSampler
 from mmtl_tf.evaluation import evaluate_episodes
@@ -131,8 +132,16 @@ def scored_on(config: ExperimentConfig, part: str) -> str:
     """What a score of ``part`` was measured on, stated beside it."""
     if config.data.family == "sinusoid":
         return f"{part} tasks (sinusoids drawn from their own seed)"
+    if config.data.families and part == "train":
+        return "each family's meta-training classes"
     if config.data.families:
-        return f"{part} classes of family {config.data.families[0].name!r}"
+        held = ("Omniglot sources: the evaluation characters" if part == "test" else
+                "Omniglot sources: the validation alphabets") + (
+            "; TFDS and folder sources: a fixed 20% of their classes")
+        if part == "validation":
+            return (f"validation classes of family {config.data.families[0].name!r} (they "
+                    f"choose the best state); every family's own under 'families' ({held})")
+        return f"each family's {part} classes, held out of its training classes ({held})"
     return {"validation": "validation alphabets (held out of the training characters; used for "
                           "every choice)",
             "test": "test characters (final score only; no choice is made on them)",
@@ -166,6 +175,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     train_sampler = episode_sampler(config, "train")
     validation = _validation_episodes(config)
     also = {s: _validation_episodes(config, s) for s in t.also_validate} if validation else {}
+    families, not_validated = _family_validation(config, validation)
     strategy = strategy or tf.distribute.get_strategy()
     if config.data.families and strategy.num_replicas_in_sync > 1:
         # A task's weight is its share of the whole meta-batch: split across replicas, the
@@ -187,7 +197,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     signals = StopSignals()
     run = RunFolder(workdir, t.steps, t.checkpoint_every, t.eval_every if validation else 0,
                     t.early_stopping_patience,
-                    lambda: _validate(learner, validation, also), signals, config.meta.inner_lr,
+                    lambda: _validate(learner, validation, also, families), signals, config.meta.inner_lr,
                     state, prepare=lambda: calibrate_batch_norm(learner, train_sampler,
                                                                 config.data.seed),
                     config=config.to_dict(), monitor=monitor_of(config))
@@ -218,7 +228,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
         raise TrainingInterrupted(f"{name}: stopped after meta-step {step} of {t.steps}; "
                                   f"checkpoint written in {checkpoints.folder(workdir)}; rerun "
                                   "the same command to resume", signals.received)
-    return _final_metrics(config, workdir, run, step)
+    return _final_metrics(config, workdir, run, step, not_validated)
 
 
 def _prepare(config: ExperimentConfig, workdir: Path, overwrite: bool) -> None:
@@ -301,18 +311,40 @@ def _validation_episodes(config: ExperimentConfig, setting: str | None = None):
     return draw_episodes(episode_sampler(config, "validation"), t.eval_seed, t.eval_episodes)
 
 
-def _validate(learner, validation, also: dict) -> dict:
+def _family_validation(config: ExperimentConfig, validation) -> tuple[dict, dict]:
+    """({family name: its fixed validation episodes}, {family name: why it has none}) of a run
+    with task families ({} and {} without): the first family's are the run's own
+    ``validation`` (which chooses the best state), the others' are drawn like them. A family
+    left out is printed once, here, before training."""
+    d, t = config.data, config.train
+    if not d.families or validation is None:
+        return {}, {}
+    samplers, missing = held_out_samplers(d.families[1:], "validation", d.image_size,
+                                          d.ink_as_one, d.data_dir, d.source_dir)
+    for reason in missing.values():
+        print(f"note: not validated: {reason}")
+    drawn = {name: draw_episodes(s, t.eval_seed, t.eval_episodes) for name, s in samplers.items()}
+    return {d.families[0].name: validation, **drawn}, missing
+
+
+def _validate(learner, validation, also: dict, families: dict | None = None) -> dict:
     """The validation report of the training setting; ``settings`` holds the accuracy of each
     ``train.also_validate`` setting (logged, never used for selection), ``settings_ci95`` the
-    half-width of its 95% confidence interval."""
+    half-width of its 95% confidence interval; ``families`` and ``families_ci95`` the same for
+    each task family's validation episodes (``_family_validation``)."""
     report = evaluate_episodes(learner, validation)
-    scores = {s: evaluate_episodes(learner, e) for s, e in also.items()}
-    report["settings"] = {s: r["accuracy"] for s, r in scores.items()}
-    report["settings_ci95"] = {s: r["accuracy_ci95"] for s, r in scores.items()}
+    for key, sets in (("settings", also), ("families", families or {})):
+        scores = {s: report if e is validation else evaluate_episodes(learner, e)
+                  for s, e in sets.items()}
+        report[key] = {s: r["accuracy"] for s, r in scores.items()}
+        report[f"{key}_ci95"] = {s: r["accuracy_ci95"] for s, r in scores.items()}
+    if not families:
+        del report["families"], report["families_ci95"]
     return report
 
 
-def _final_metrics(config, workdir: Path, run: RunFolder, step: int) -> dict:
+def _final_metrics(config, workdir: Path, run: RunFolder, step: int,
+                   not_validated: dict | None = None) -> dict:
     scored = config.data.families[0] if config.data.families else config.data
     metrics = {"protocol": protocol_of(config), "ways": scored.ways, "shots": scored.shots,
                "eval_seed": config.train.eval_seed, "steps": step}
@@ -326,6 +358,8 @@ def _final_metrics(config, workdir: Path, run: RunFolder, step: int) -> dict:
             if abs(metrics["adaptation_gain"]) < NEGLIGIBLE_GAIN:
                 metrics["note"] = adaptation_note(metrics, config.meta)
                 print(f"note: {metrics['note']}")
+        if not_validated:
+            metrics["families_not_validated"] = not_validated
     elif run.state.get("best_step") is None:
         metrics["validation"] = ("none: the vinyals protocol has no validation part; score the "
                                  "test characters with pipelines/evaluate.py")

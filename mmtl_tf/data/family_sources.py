@@ -61,6 +61,26 @@ def family_sampler(family, part: str, model_size: int, ink_as_one: bool = True, 
         raise _named(family, err, f"{part} classes: ") from err
 
 
+def held_out_samplers(families, part: str, model_size: int, ink_as_one: bool = True,
+                      data_dir=None, source_dir=None) -> tuple[dict, dict]:
+    """({family name: EpisodeSampler of its held-out ``part`` classes}, {family name: why it
+    has none}) for "validation" or "test": a family whose source holds out too few classes
+    for its ways (a small folder or TFDS dataset) is left out with its one-line reason
+    instead of stopping the others. A missing file still raises."""
+    if part not in PARTS[1:]:
+        raise ValueError(f"part={part!r} is not a held-out part; choose 'validation' or 'test'")
+    samplers, missing = {}, {}
+    for family in families:
+        try:
+            samplers[family.name] = family_sampler(family, part, model_size, ink_as_one,
+                                                   data_dir, source_dir)
+        except FileNotFoundError:
+            raise
+        except ValueError as err:
+            missing[family.name] = str(err)
+    return samplers, missing
+
+
 def _named(family, err, where: str = "") -> Exception:
     """``err`` as one line naming the family (a missing file stays a FileNotFoundError)."""
     message = str(err).splitlines()[0] if str(err) else type(err).__name__
