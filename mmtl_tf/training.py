@@ -333,13 +333,11 @@ def _validate(learner, validation, also: dict, families: dict | None = None) -> 
     half-width of its 95% confidence interval; ``families`` and ``families_ci95`` the same for
     each task family's validation episodes (``_family_validation``)."""
     report = evaluate_episodes(learner, validation)
-    for key, sets in (("settings", also), ("families", families or {})):
+    for key, sets in {"settings": also, **({"families": families} if families else {})}.items():
         scores = {s: report if e is validation else evaluate_episodes(learner, e)
                   for s, e in sets.items()}
         report[key] = {s: r["accuracy"] for s, r in scores.items()}
         report[f"{key}_ci95"] = {s: r["accuracy_ci95"] for s, r in scores.items()}
-    if not families:
-        del report["families"], report["families_ci95"]
     return report
 
 

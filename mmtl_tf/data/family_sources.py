@@ -74,9 +74,7 @@ def held_out_samplers(families, part: str, model_size: int, ink_as_one: bool = T
         try:
             samplers[family.name] = family_sampler(family, part, model_size, ink_as_one,
                                                    data_dir, source_dir)
-        except FileNotFoundError:
-            raise
-        except ValueError as err:
+        except ValueError as err:  # a missing file is a FileNotFoundError: it propagates
             missing[family.name] = str(err)
     return samplers, missing
 
