@@ -56,6 +56,9 @@ def markdown(report: dict) -> str:
             cells.append(d["skipped"] if "skipped" in d else _percent(d["accuracy"], d["accuracy_ci95"]))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if report.get("families_not_scored"):  # a task family without held-out classes enough
+        lines += [f"Not scored: {reason}." for reason in report["families_not_scored"].values()]
+        lines.append("")
     if device:
         lines += [f"Device runtime: {report['device']['runtime']} running the export "
                   f"`{report['device']['export']}` on the same episodes.", ""]

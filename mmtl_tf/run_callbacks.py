@@ -183,7 +183,9 @@ class MetricsLog(keras.callbacks.Callback):
             report = self.run.validated[step]
             name = f"val_{self.run.monitor}"
             row[name] = logs[name] = report[self.run.monitor]
-            for setting, accuracy in report.get("settings", {}).items():
+            # also_validate settings ("20w1s") and task families (names start with a letter)
+            for setting, accuracy in {**report.get("settings", {}),
+                                      **report.get("families", {})}.items():
                 row[f"val_{setting}_accuracy"] = logs[f"val_{setting}_accuracy"] = accuracy
         self.rows.append(row)
         write_history(self.workdir, self.rows)

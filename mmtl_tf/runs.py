@@ -6,6 +6,7 @@ scores episodes), so neither of those reaches up to the other.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import typing
@@ -15,6 +16,7 @@ import numpy as np
 
 from mmtl_tf.config import ExperimentConfig
 from mmtl_tf.data.episode_files import fixed_episodes
+from mmtl_tf.data.family_sources import held_out_samplers
 from mmtl_tf.evaluation import (ANCHOR_SETTINGS, Setting, accuracy_curve, batch_norm_mode,
                                 device_accuracies, mean_and_ci95, predicted_labels)
 from mmtl_tf.checkpoints import FOLDER
@@ -97,19 +99,24 @@ def evaluate_run(workdir, out=None, part: str = "test", settings=None, queries: 
         raise ValueError(f"--baseline compares sinusoid regression models; {workdir} is an "
                          f"{model.config.data.family} model")
     curve_steps = max(curve_steps, steps)
-    chosen = _settings(settings, queries, model.config, model.learner.config.max_ways)
+    if model.config.data.families:
+        tasks, not_scored = _family_tasks(model, settings, queries, part)
+    else:
+        chosen = _settings(settings, queries, model.config, model.learner.config.max_ways)
+        tasks, not_scored = [(s, None, _setting_sampler(model.config, s, part))
+                             for s in chosen], {}
     device = _device_model(export if export is not None else model.export)
     rows, pictured = [], None
-    for setting in chosen:
+    for setting, family, sampler in tasks:
         row, fixed = _evaluate_setting(model, setting, part, out, episodes, seed, steps,
-                                       curve_steps, device)
+                                       curve_steps, device, sampler, family)
         rows.append(row)
         if pictured is None:  # the report draws the first episode of the first task
             first = type(fixed)(*(f[0] for f in fixed))
             pictured = (setting, first, predicted_labels(model.learner, first, steps))
         if log:
             on_device = row.get("device", {})
-            log(f"{setting.name}: {row['accuracy']:.1%} ± {row['accuracy_ci95']:.1%} after "
+            log(f"{row['setting']}: {row['accuracy']:.1%} ± {row['accuracy_ci95']:.1%} after "
                 f"{steps} steps over {episodes} episodes ({row['seconds']:.0f} s)" + (
                     f"; device runtime {on_device['accuracy']:.1%} ({on_device['seconds']:.0f} s)"
                     if "accuracy" in on_device else ""))
@@ -123,6 +130,10 @@ def evaluate_run(workdir, out=None, part: str = "test", settings=None, queries: 
                   "runtime": "mmtl_tf.ondevice (onnxruntime)", "export": str(device.folder)},
               "command": command, "out": str(out), "settings": rows,
               "seconds": round(time.perf_counter() - started, 1)}
+    if config.data.families:
+        report["families"] = {r["family"]: {k: r[k] for k in ("source", "setting", "accuracy",
+                                                              "accuracy_ci95")} for r in rows}
+        report["families_not_scored"] = not_scored
     report["files"] = reports.write_report(out, report, *pictured)
     return report
 
@@ -191,20 +202,48 @@ def _device_model(folder):
     return ondevice.load(folder, threads=1)
 
 
+def _setting_sampler(config: ExperimentConfig, setting: Setting, part: str):
+    """``() -> the EpisodeSampler`` of a table row: its classes load when the row is scored."""
+    data = config.replace(data={"ways": setting.ways, "shots": setting.shots,
+                                "queries": setting.queries,
+                                "within_alphabet": setting.within_alphabet})
+    return lambda: episode_sampler(data, part)
+
+
+def _family_tasks(model: Model, settings, queries, part: str) -> tuple[list, dict]:
+    """A multi-family run's rows: (its own Setting, FamilyConfig, ``() -> EpisodeSampler`` of
+    its held-out ``part`` classes) per family, and {family name: why it is not scored}."""
+    d = model.config.data
+    if settings:
+        raise ValueError(f"{model.config.name} meta-trained on task families, each scored in its "
+                         "own setting on its own held-out classes; drop --ways/--shots/"
+                         "--within-alphabet (--queries still applies)")
+    samplers, not_scored = held_out_samplers(
+        [dataclasses.replace(f, queries=queries or f.queries) for f in d.families], part,
+        d.image_size, d.ink_as_one, d.data_dir, d.source_dir)
+    tasks = [(Setting(f.ways, f.shots, queries or f.queries, f.within_alphabet), f,
+              lambda s=samplers[f.name]: s) for f in d.families if f.name in samplers]
+    if not tasks:
+        raise ValueError(f"no family of {model.config.name} has {part} classes enough for its "
+                         f"ways: {'; '.join(not_scored.values())}")
+    return tasks, not_scored
+
+
 def _evaluate_setting(model: Model, setting: Setting, part: str, out: Path, episodes: int,
-                      seed: int, steps: int, curve_steps: int, device) -> tuple[dict, object]:
-    """One row of the report and its fixed episodes: accuracy and loss after ``steps`` steps
-    with their 95% CI, the curve from 0 to ``curve_steps`` steps (one adaptation per episode)
-    and the device runtime's score of the same episodes."""
+                      seed: int, steps: int, curve_steps: int, device, sampler,
+                      family=None) -> tuple[dict, object]:
+    """One row of the report and its fixed episodes (of ``sampler()``; a task family's row is
+    named after ``family``): accuracy and loss after ``steps`` steps with their 95% CI, the
+    curve from 0 to ``curve_steps`` steps (one adaptation per episode) and the device
+    runtime's score of the same episodes."""
     clock = time.perf_counter()
-    data = model.config.replace(data={"ways": setting.ways, "shots": setting.shots,
-                                      "queries": setting.queries,
-                                      "within_alphabet": setting.within_alphabet})
-    file = out / "episodes" / f"{part}_{setting.tag}_seed{seed}_n{episodes}.npz"
-    fixed = fixed_episodes(file, episode_sampler(data, part), seed, episodes)
+    tag = setting.tag if family is None else f"{family.name}_{setting.tag}"
+    file = out / "episodes" / f"{part}_{tag}_seed{seed}_n{episodes}.npz"
+    fixed = fixed_episodes(file, sampler(), seed, episodes)
     curve = accuracy_curve(model.learner, fixed, curve_steps)
     accuracy, loss = curve["accuracy"], curve["loss"]
-    row = {"setting": setting.name, **setting._asdict(), "episodes": len(accuracy),
+    name = setting.name if family is None else f"{family.name} ({setting.name})"
+    row = {"setting": name, **setting._asdict(), "episodes": len(accuracy),
            "inner_steps": steps, "batch_norm": batch_norm_mode(model.learner.config.transductive),
            "episode_file": str(file.relative_to(out))}
     row["accuracy"], row["accuracy_ci95"] = mean_and_ci95(accuracy[:, steps])
@@ -212,6 +251,8 @@ def _evaluate_setting(model: Model, setting: Setting, part: str, out: Path, epis
     means = [mean_and_ci95(accuracy[:, k]) for k in range(curve_steps + 1)]
     row["curve"] = {"steps": list(range(curve_steps + 1)), "accuracy": [m for m, _ in means],
                     "accuracy_ci95": [c for _, c in means]}
+    if family is not None:
+        row.update(family=family.name, source=family.source)
     row["seconds"] = round(time.perf_counter() - clock, 1)
     if device is not None:
         row["device"] = _device_score(device, fixed, setting, steps, accuracy[:, steps])

@@ -10,6 +10,7 @@ command on the folder resumes the run exactly where its last checkpoint left it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -21,6 +22,7 @@ import tensorflow as tf
 from mmtl_tf import checkpoints
 from mmtl_tf.config import ExperimentConfig, parse_setting
 from mmtl_tf.data.episode_files import draw_episodes
+from mmtl_tf.data.family_sources import held_out_samplers
 from mmtl_tf.data.episodes import EpisodeSampler, episode_dataset
 from mmtl_tf.data.sinusoid import SinusoidSampler
 from mmtl_tf.evaluation import evaluate_episodes
@@ -47,7 +49,8 @@ def build_learner(config: ExperimentConfig) -> MetaLearner:
     else:
         raise ValueError(f"backbone={config.model.backbone!r} is not 'conv4' or 'mlp'")
     task = "regression" if config.data.family == "sinusoid" else "classification"
-    learner = MetaLearner(encoder, config.meta, task=task)
+    learner = MetaLearner(encoder, config.meta, task=task,
+                          families=tuple(f.name for f in config.data.families))
     keras.mixed_precision.set_global_policy("float32")
     return learner
 
@@ -62,6 +65,8 @@ def episode_sampler(config: ExperimentConfig, part: str):
     if part not in PARTS:
         raise ValueError(f"part={part!r} is unknown; choose one of {PARTS}")
     d = config.data
+    if d.families:
+        return _family_sampler(config, part)
     if d.family == "sinusoid":  # tasks are generated: the parts differ by their seeds only
         return SinusoidSampler(d.shots, d.queries)
     from mmtl_tf.data.splits import hold_out_validation, omniglot_split
@@ -81,6 +86,21 @@ def episode_sampler(config: ExperimentConfig, part: str):
     return EpisodeSampler(classes, d.ways, d.shots, d.queries, d.within_alphabet, rotations)
 
 
+def _family_sampler(config: ExperimentConfig, part: str, first=None):
+    """Meta-training: a FamilyMix of every family; validation and test: the first family's
+    (``first``, e.g. another setting of it) held-out classes. Every family is loaded and
+    checked here, before any training step."""
+    from mmtl_tf.data.families import FamilyMix
+    from mmtl_tf.data.family_sources import family_sampler
+
+    d = config.data
+    load = lambda family: family_sampler(family, part, d.image_size, d.ink_as_one,  # noqa: E731
+                                         d.data_dir, d.source_dir)
+    if part != "train":
+        return load(first or d.families[0])
+    return FamilyMix([load(f) for f in d.families], d.family_weights, d.family_mix)
+
+
 def monitor_of(config: ExperimentConfig) -> str:
     """The validation metric that chooses a run's best state: query accuracy (highest) for
     classification, query mean squared error (lowest) for the sinusoid's regression."""
@@ -90,6 +110,11 @@ def monitor_of(config: ExperimentConfig) -> str:
 def protocol_of(config: ExperimentConfig) -> str:
     """The sentence stated next to every metric: what was meta-trained on, what was tested on."""
     d = config.data
+    if d.families:
+        mix = "; ".join(f"{f.name}: {f.source} {f.ways}-way {f.shots}-shot, alpha {a:.3g}"
+                        for f, a in zip(d.families, d.family_weights))
+        return (f"meta-multi-task ({d.family_mix} mix) over {mix}; each family's validation "
+                "and test classes held out of its training classes")
     if d.family == "sinusoid":
         return "sinusoid regression, amplitude 0.1-5, phase 0-pi, x in [-5, 5]"
     if d.train_split or d.eval_split:
@@ -107,6 +132,16 @@ def scored_on(config: ExperimentConfig, part: str) -> str:
     """What a score of ``part`` was measured on, stated beside it."""
     if config.data.family == "sinusoid":
         return f"{part} tasks (sinusoids drawn from their own seed)"
+    if config.data.families and part == "train":
+        return "each family's meta-training classes"
+    if config.data.families:
+        held = ("Omniglot sources: the evaluation characters" if part == "test" else
+                "Omniglot sources: the validation alphabets") + (
+            "; TFDS and folder sources: a fixed 20% of their classes")
+        if part == "validation":
+            return (f"validation classes of family {config.data.families[0].name!r} (they "
+                    f"choose the best state); every family's own under 'families' ({held})")
+        return f"each family's {part} classes, held out of its training classes ({held})"
     return {"validation": "validation alphabets (held out of the training characters; used for "
                           "every choice)",
             "test": "test characters (final score only; no choice is made on them)",
@@ -140,7 +175,14 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     train_sampler = episode_sampler(config, "train")
     validation = _validation_episodes(config)
     also = {s: _validation_episodes(config, s) for s in t.also_validate} if validation else {}
-    with (strategy or tf.distribute.get_strategy()).scope():
+    families, not_validated = _family_validation(config, validation)
+    strategy = strategy or tf.distribute.get_strategy()
+    if config.data.families and strategy.num_replicas_in_sync > 1:
+        # A task's weight is its share of the whole meta-batch: split across replicas, the
+        # per-replica sums would need a global normalisation not written yet.
+        raise ValueError(f"task families train on one replica for now; this strategy has "
+                         f"{strategy.num_replicas_in_sync}: use --strategy default")
+    with strategy.scope():
         learner = build_learner(config)
         learner.compile(optimizer=_optimizer(config), jit_compile=t.jit_compile)
     step, state = 0, {}
@@ -155,7 +197,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     signals = StopSignals()
     run = RunFolder(workdir, t.steps, t.checkpoint_every, t.eval_every if validation else 0,
                     t.early_stopping_patience,
-                    lambda: _validate(learner, validation, also), signals, config.meta.inner_lr,
+                    lambda: _validate(learner, validation, also, families), signals, config.meta.inner_lr,
                     state, prepare=lambda: calibrate_batch_norm(learner, train_sampler,
                                                                 config.data.seed),
                     config=config.to_dict(), monitor=monitor_of(config))
@@ -186,7 +228,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
         raise TrainingInterrupted(f"{name}: stopped after meta-step {step} of {t.steps}; "
                                   f"checkpoint written in {checkpoints.folder(workdir)}; rerun "
                                   "the same command to resume", signals.received)
-    return _final_metrics(config, workdir, run, step)
+    return _final_metrics(config, workdir, run, step, not_validated)
 
 
 def _prepare(config: ExperimentConfig, workdir: Path, overwrite: bool) -> None:
@@ -242,15 +284,24 @@ def _periods(step: int, steps: int, log_every: int):
 
 def has_validation_part(config: ExperimentConfig) -> bool:
     """Whether the config's protocol holds validation classes out of meta-training (the
-    vinyals protocol has none: its published numbers choose on the test characters)."""
+    vinyals protocol has none: its published numbers choose on the test characters). Task
+    families always have one: every source holds validation classes out."""
     d = config.data
-    return not (d.family == "omniglot" and d.protocol == "vinyals" and not (
+    return bool(d.families) or not (d.family == "omniglot" and d.protocol == "vinyals" and not (
         d.train_split or d.eval_split))
 
 
 def _validation_episodes(config: ExperimentConfig, setting: str | None = None):
     """The fixed validation episodes (of the training setting, or of ``setting`` such as
     "5w1s"), or None for a protocol without a validation part."""
+    t = config.train
+    if config.data.families:
+        first = config.data.families[0]
+        if setting is not None:
+            ways, shots = parse_setting(setting)
+            first = dataclasses.replace(first, ways=ways, shots=shots)
+        return draw_episodes(_family_sampler(config, "validation", first), t.eval_seed,
+                             t.eval_episodes)
     if not has_validation_part(config):
         return None
     if setting is not None:
@@ -260,20 +311,41 @@ def _validation_episodes(config: ExperimentConfig, setting: str | None = None):
     return draw_episodes(episode_sampler(config, "validation"), t.eval_seed, t.eval_episodes)
 
 
-def _validate(learner, validation, also: dict) -> dict:
+def _family_validation(config: ExperimentConfig, validation) -> tuple[dict, dict]:
+    """({family name: its fixed validation episodes}, {family name: why it has none}) of a run
+    with task families ({} and {} without): the first family's are the run's own
+    ``validation`` (which chooses the best state), the others' are drawn like them. A family
+    left out is printed once, here, before training."""
+    d, t = config.data, config.train
+    if not d.families or validation is None:
+        return {}, {}
+    samplers, missing = held_out_samplers(d.families[1:], "validation", d.image_size,
+                                          d.ink_as_one, d.data_dir, d.source_dir)
+    for reason in missing.values():
+        print(f"note: not validated: {reason}")
+    drawn = {name: draw_episodes(s, t.eval_seed, t.eval_episodes) for name, s in samplers.items()}
+    return {d.families[0].name: validation, **drawn}, missing
+
+
+def _validate(learner, validation, also: dict, families: dict | None = None) -> dict:
     """The validation report of the training setting; ``settings`` holds the accuracy of each
     ``train.also_validate`` setting (logged, never used for selection), ``settings_ci95`` the
-    half-width of its 95% confidence interval."""
+    half-width of its 95% confidence interval; ``families`` and ``families_ci95`` the same for
+    each task family's validation episodes (``_family_validation``)."""
     report = evaluate_episodes(learner, validation)
-    scores = {s: evaluate_episodes(learner, e) for s, e in also.items()}
-    report["settings"] = {s: r["accuracy"] for s, r in scores.items()}
-    report["settings_ci95"] = {s: r["accuracy_ci95"] for s, r in scores.items()}
+    for key, sets in {"settings": also, **({"families": families} if families else {})}.items():
+        scores = {s: report if e is validation else evaluate_episodes(learner, e)
+                  for s, e in sets.items()}
+        report[key] = {s: r["accuracy"] for s, r in scores.items()}
+        report[f"{key}_ci95"] = {s: r["accuracy_ci95"] for s, r in scores.items()}
     return report
 
 
-def _final_metrics(config, workdir: Path, run: RunFolder, step: int) -> dict:
-    metrics = {"protocol": protocol_of(config), "ways": config.data.ways,
-               "shots": config.data.shots, "eval_seed": config.train.eval_seed, "steps": step}
+def _final_metrics(config, workdir: Path, run: RunFolder, step: int,
+                   not_validated: dict | None = None) -> dict:
+    scored = config.data.families[0] if config.data.families else config.data
+    metrics = {"protocol": protocol_of(config), "ways": scored.ways, "shots": scored.shots,
+               "eval_seed": config.train.eval_seed, "steps": step}
     if run.validated:
         last = max(run.validated)
         metrics.update(part="validation", scored_on=scored_on(config, "validation"),
@@ -284,6 +356,8 @@ def _final_metrics(config, workdir: Path, run: RunFolder, step: int) -> dict:
             if abs(metrics["adaptation_gain"]) < NEGLIGIBLE_GAIN:
                 metrics["note"] = adaptation_note(metrics, config.meta)
                 print(f"note: {metrics['note']}")
+        if not_validated:
+            metrics["families_not_validated"] = not_validated
     elif run.state.get("best_step") is None:
         metrics["validation"] = ("none: the vinyals protocol has no validation part; score the "
                                  "test characters with pipelines/evaluate.py")
@@ -312,8 +386,12 @@ def calibrate_batch_norm(learner, sampler, seed: int, episodes: int = 64) -> Non
     """
     if not learner.encoder.non_trainable_variables or not hasattr(sampler, "ways"):
         return
-    batch = sampler.sample(tf.constant([seed, -1], tf.int64), episodes)
-    images = tf.reshape(batch.query_x, [-1, *batch.query_x.shape[2:]])
+    samplers = getattr(sampler, "samplers", [sampler])  # a FamilyMix: images of every family
+    images = []
+    for one in samplers:
+        batch = one.sample(tf.constant([seed, -1], tf.int64), -(-episodes // len(samplers)))
+        images.append(tf.reshape(batch.query_x, [-1, *batch.query_x.shape[2:]]))
+    images = tf.concat(images, 0)
     _, state = learner.loop.features([tf.convert_to_tensor(p) for p in learner.encoder.trainable_variables],
                                      images)
     for variable, value in zip(learner.encoder.non_trainable_variables, state):

@@ -3,6 +3,7 @@
 python pipelines/evaluate.py --workdir runs/omniglot                # the six-task table
 python pipelines/evaluate.py --workdir exported/omniglot --out reports/omniglot
 python pipelines/evaluate.py --workdir runs/omniglot --ways 20 --shots 1 --steps 10
+A run trained on task families: one row per family, in its own setting, on its held-out classes.
 A sinusoid model: mean squared error after 1 and 10 steps at K = 5, 10, 20 support points,
 beside a baseline adapted the same way (evaluation.json, evaluation.md, curves.png, tasks.png):
 python pipelines/evaluate.py --workdir exported/sinusoid --baseline exported/sinusoid-pretrained \

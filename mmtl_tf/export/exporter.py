@@ -50,6 +50,10 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | N
                               "replace it")
     _check_attachments(attachments)
     learner, config = load_learner(workdir, checkpoint)
+    if learner.config.proximal:  # the device would adapt without it: refuse, do not drift
+        raise ValueError(f"{workdir} adapts with a proximal term (meta.proximal="
+                         f"{learner.config.proximal}), which the exported adaptation graphs do "
+                         "not carry yet; export a run trained with meta.proximal=0")
     if default_steps is not None:
         learner.config = dataclasses.replace(learner.config, eval_inner_steps=default_steps)
         config = dataclasses.replace(config, meta=dataclasses.replace(

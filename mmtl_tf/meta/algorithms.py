@@ -43,7 +43,15 @@ class MetaConfig:
       transductive: batch-norm statistics of the query batch itself (MAML) or of the support set.
       adapt_head_only: ANIL, the inner loop updates the head only.
       reptile: the outer update moves the initialisation toward the adapted weights.
-      weight_decay: lambda of the L2 regulariser R(theta) = sum of squared meta-parameters.
+      weight_decay: lambda of the L2 regulariser R(theta) = sum of squared meta-parameters
+        (the initialisation theta; learned inner rates are not decayed); 0 is off.
+      proximal: mu of iMAML's proximal inner-loop term: each inner step descends the support
+        loss plus mu/2 * ||phi - phi_0||^2, phi_0 the fast weights the task started from, so
+        adapted weights stay near the initialisation; 0 is off. Training, evaluation and
+        ``MetaLearner.adapt`` use it; the exported adaptation graphs do not carry it yet.
+      family_weighting: with task families (``DataConfig.families``): "fixed" (alpha_k) or
+        "recent_loss" (alpha_k times the family's recent post-adaptation loss, renormalised;
+        see ``task_weighting``), whose moving average keeps ``family_loss_momentum``.
       track_pre_adaptation: also report query loss/accuracy before adaptation (one extra forward).
       parallel_iterations: tasks of a meta-batch processed concurrently by ``tf.map_fn``.
     """
@@ -63,6 +71,9 @@ class MetaConfig:
     adapt_head_only: bool = False
     reptile: bool = False
     weight_decay: float = 0.0
+    proximal: float = 0.0
+    family_weighting: str = "fixed"
+    family_loss_momentum: float = 0.9
     track_pre_adaptation: bool = True
     parallel_iterations: int = 2
 
@@ -85,6 +96,16 @@ class MetaConfig:
             raise ValueError(f"inner_lr={self.inner_lr} must be positive")
         if self.max_ways < 2:
             raise ValueError(f"max_ways={self.max_ways} must be at least 2")
+        if self.family_weighting not in ("fixed", "recent_loss"):
+            raise ValueError(f"meta.family_weighting={self.family_weighting!r} is unknown; "
+                             "choose 'fixed' or 'recent_loss'")
+        if not 0 <= self.family_loss_momentum < 1:
+            raise ValueError(f"meta.family_loss_momentum={self.family_loss_momentum} must be in "
+                             "[0, 1)")
+        for name in ("weight_decay", "proximal"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+                raise ValueError(f"meta.{name}={value!r} must be a finite number >= 0 (0 is off)")
         if self.algorithm == "pretrain":
             unused = [f"{name}={getattr(self, name)!r}" for name, off in PRETRAIN_UNUSED
                       if getattr(self, name) != off]

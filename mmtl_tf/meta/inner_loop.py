@@ -32,6 +32,9 @@ class InnerLoop:
         independent of the other queries.
       adapt_mask: per parameter (encoder params then head_w, head_b), whether the inner loop
         updates it; ANIL adapts the head only. None adapts everything.
+      proximal: mu of iMAML's proximal term: each step descends the support loss plus
+        mu/2 * ||phi - phi_0||^2 over the adapted parameters, phi_0 the task's starting fast
+        weights (a function of theta, differentiated through). 0 is off.
     """
 
     encoder: typing.Any
@@ -39,6 +42,7 @@ class InnerLoop:
     head_init: str = "learned"
     transductive: bool = True
     adapt_mask: tuple[bool, ...] | None = None
+    proximal: float = 0.0
 
     def features(self, encoder_params, x, bn_state=None, sample_mask=None):
         """Encoder features (B, F) and the batch-norm state the batch produced.
@@ -115,19 +119,25 @@ class InnerLoop:
         raise ValueError(f"head_init={self.head_init!r} is not one of 'learned', 'zero', 'proto'")
 
     def step(self, params, support_x, support_y, learning_rates, first_order: bool,
-             sample_mask=None, class_mask=None):
+             sample_mask=None, class_mask=None, anchor=None):
         """One SGD step on the support loss. Returns (support loss before the step, new params).
 
         ``learning_rates`` holds one tensor per parameter (a scalar, or the parameter's shape
-        for Meta-SGD); masked-out parameters pass through unchanged.
+        for Meta-SGD); masked-out parameters pass through unchanged. ``anchor``: phi_0 of the
+        proximal term (``proximal`` > 0), in the layout of ``params``; the returned loss is the
+        support loss alone.
         """
         mask = self.adapt_mask or (True,) * len(params)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(params)
             outputs = self.logits(params, support_x, sample_mask=sample_mask, class_mask=class_mask)
             support_loss = self.loss(outputs, support_y, sample_mask)
+            objective = support_loss
+            if self.proximal and anchor is not None:
+                objective += 0.5 * self.proximal * tf.add_n([
+                    tf.reduce_sum(tf.square(p - a)) for p, a, m in zip(params, anchor, mask) if m])
         adapted = [p for p, m in zip(params, mask) if m]
-        grads = iter(tape.gradient(support_loss, adapted, unconnected_gradients="zero"))
+        grads = iter(tape.gradient(objective, adapted, unconnected_gradients="zero"))
         new_params = []
         for p, m, lr in zip(params, mask, learning_rates):
             if not m:
@@ -154,7 +164,7 @@ class Adapted(typing.NamedTuple):
 
 def adapt(loop: InnerLoop, meta_params, support_x, support_y, ways, steps: int,
           learning_rates, first_order=False, query_x=None, sample_mask=None,
-          class_mask=None) -> Adapted:
+          class_mask=None, query_mask=None) -> Adapted:
     """Adapts to one task with ``steps`` SGD steps on the support set.
 
     Args:
@@ -168,16 +178,19 @@ def adapt(loop: InnerLoop, meta_params, support_x, support_y, ways, steps: int,
       first_order: drop second-order terms (tensor or bool; a tensor allows annealing).
       query_x: if given, query outputs are computed after every step (multi-step loss).
       sample_mask: (S,) marks the real rows of a padded support set; class_mask: (N,) the
-        active classes of a head wider than the task. The exported graphs use both.
+        active classes of a head wider than the task. The exported graphs use both, and so do
+        meta-batches mixing task families (``mmtl_tf.data.families``).
+      query_mask: (Q,) the real rows of a padded query set (transductive batch statistics).
     """
     start = loop.task_params(meta_params, support_x, support_y, ways, sample_mask)
     params, support_losses, query_outputs = start, [], []
     for step in range(steps):
         loss, params = loop.step(params, support_x, support_y, learning_rates(step), first_order,
-                                 sample_mask, class_mask)
+                                 sample_mask, class_mask, anchor=start)
         support_losses.append(loss)
         if query_x is not None:
-            query_outputs.append(query_logits(loop, params, support_x, query_x))
+            query_outputs.append(query_logits(loop, params, support_x, query_x, sample_mask,
+                                              query_mask, class_mask))
     final = loop.logits(params, support_x, sample_mask=sample_mask, class_mask=class_mask)
     support_losses.append(loop.loss(final, support_y, sample_mask))
     return Adapted(params, tf.stack(support_losses), query_outputs, start)
@@ -203,9 +216,11 @@ def check_input_shape(encoder, x) -> None:
             "preprocessing's image size) or build the encoder for these inputs")
 
 
-def query_logits(loop: InnerLoop, params, support_x, query_x):
-    """Query outputs at fast weights, with the batch-norm semantics of ``loop``."""
+def query_logits(loop: InnerLoop, params, support_x, query_x, support_mask=None,
+                 query_mask=None, class_mask=None):
+    """Query outputs at fast weights, with the batch-norm semantics of ``loop``. The masks
+    mark the real rows and classes of a padded task (see ``adapt``)."""
     if loop.transductive:
-        return loop.logits(params, query_x)
-    _, support_state = loop.features(params[:-2], support_x)
-    return loop.logits(params, query_x, bn_state=support_state)
+        return loop.logits(params, query_x, sample_mask=query_mask, class_mask=class_mask)
+    _, support_state = loop.features(params[:-2], support_x, sample_mask=support_mask)
+    return loop.logits(params, query_x, bn_state=support_state, class_mask=class_mask)

@@ -3,6 +3,11 @@
 ``fit()`` takes a dataset of meta-batches (Episode with a leading task axis). Each task of the
 meta-batch is adapted by the one inner loop (``inner_loop.adapt``); the tasks are processed by
 ``tf.map_fn``, so the traced graph holds one copy of the inner loop whatever the meta-batch size.
+
+A meta-batch may also be a ``FamilyBatch`` (task families mixed, padded to one shape with
+masks): the meta-loss is then each task's loss times its weight, summed (sum_k alpha_k L_k),
+and every family's query loss and accuracy are tracked under ``<family>_loss`` and
+``<family>_accuracy``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import tensorflow as tf
 
 from mmtl_tf import best_step
 from mmtl_tf.data.episodes import Episode
+from mmtl_tf.data.families import FamilyBatch
 from mmtl_tf.meta import inner_loop as il
+from mmtl_tf.meta import task_weighting
 from mmtl_tf.meta.algorithms import (MetaConfig, inner_rate_schedule, multi_step_weights,
                                      resolve, training_problem)
 
@@ -30,16 +37,19 @@ class MetaLearner(keras.Model):
       encoder: a Keras model (B, ...) -> (B, F); it is called only through ``stateless_call``.
       config: the MetaConfig (algorithm switches are resolved here).
       task: "classification" or "regression" (the head then has one output).
+      families: names of the task families of ``FamilyBatch`` meta-batches (index k of a
+        task's ``family`` is ``families[k]``), each tracked by its own metrics.
     """
 
     def __init__(self, encoder: keras.Model, config: MetaConfig = MetaConfig(),
-                 task: str = "classification", **kwargs):
+                 task: str = "classification", families: tuple[str, ...] = (), **kwargs):
         super().__init__(**kwargs)
         if task not in ("classification", "regression"):
             raise ValueError(f"task={task!r} is not 'classification' or 'regression'")
         self.encoder = encoder
         self.config = resolve(config)
         self.task = task
+        self.families = tuple(families)
         features = feature_dim(encoder)
         outputs = self.config.max_ways if task == "classification" else 1
         dtype = encoder.dtype_policy.variable_dtype
@@ -49,25 +59,37 @@ class MetaLearner(keras.Model):
         head_init = self.config.head_init if task == "classification" else "learned"
         num_encoder = len(encoder.trainable_variables)
         mask = (False,) * num_encoder + (True, True) if self.config.adapt_head_only else None
-        self.loop = il.InnerLoop(encoder, task, head_init, self.config.transductive, mask)
+        self.loop = il.InnerLoop(encoder, task, head_init, self.config.transductive, mask,
+                                 self.config.proximal)
         # Before adaptation a zero head scores every class alike (accuracy 1/N, loss log N by
         # construction): nothing to report, and one forward pass saved.
         self.track_pre_adaptation = self.config.track_pre_adaptation and head_init != "zero"
         self.inner_lrs = self._make_inner_lrs()
+        self.family_loss = None  # recent post-adaptation loss per family (adaptive weighting)
+        if self.config.family_weighting == "recent_loss":
+            if not self.families:
+                raise ValueError("family_weighting='recent_loss' needs the families' names")
+            self.family_loss = self.add_weight((len(self.families),), initializer="zeros",
+                                               trainable=False, name="family_recent_loss")
         self._trackers = {name: keras.metrics.Mean(name=name) for name in self._metric_names()}
+        self._family_trackers = {(k, metric): keras.metrics.Mean(name=f"{family}_{metric}")
+                                 for k, family in enumerate(self.families)
+                                 for metric in self._family_metric_names()}
         self.built = True  # every weight exists now: the encoder is built, the head is created
 
     def get_config(self):
         import dataclasses
 
         return {"encoder": keras.saving.serialize_keras_object(self.encoder),
-                "config": dataclasses.asdict(self.config), "task": self.task, "name": self.name}
+                "config": dataclasses.asdict(self.config), "task": self.task,
+                "families": list(self.families), "name": self.name}
 
     @classmethod
     def from_config(cls, config):
         meta = dict(config["config"])
         return cls(keras.saving.deserialize_keras_object(config["encoder"]), MetaConfig(**meta),
-                   task=config["task"], name=config.get("name"))
+                   task=config["task"], families=tuple(config.get("families", ())),
+                   name=config.get("name"))
 
     # ----- parameters -------------------------------------------------------------------
     @property
@@ -98,13 +120,16 @@ class MetaLearner(keras.Model):
         return inner_rate_schedule(self.config, learned, len(self.meta_params), ways, shared_head)
 
     # ----- one task, many tasks -----------------------------------------------------------
-    def _task_metrics(self, episode, ways, steps, first_order, training=False, values=None):
+    def _task_metrics(self, episode, ways, steps, first_order, training=False, values=None,
+                      masks=None):
         """Adapts to one task (no task axis). Returns (dict of scalar tensors, fast weights the
         task started from, adapted fast weights). ``training`` adds MAML++'s multi-step loss
         (``meta_loss``), whose weights follow the optimizer's step counter; for the pretrained
         baseline ``meta_loss`` is the starting weights' loss on support and query together.
         ``values``: tensors to use instead of ``meta_variables`` (theta, then the learned inner
-        rates)."""
+        rates). ``masks``: (support rows, query rows, classes) of a padded task
+        (``FamilyBatch``), or None."""
+        support_mask, query_mask, class_mask = masks or (None, None, None)
         if values is None:
             values = [tf.convert_to_tensor(v) for v in self.meta_variables]
         count = len(self.meta_params)
@@ -117,26 +142,30 @@ class MetaLearner(keras.Model):
         query_all = self.config.multi_step_loss and training
         adapted = il.adapt(self.loop, meta_params, episode.support_x, episode.support_y, ways,
                            steps, self.learning_rates(ways, inner_lrs), first_order,
-                           query_x=episode.query_x if query_all else None)
+                           query_x=episode.query_x if query_all else None,
+                           sample_mask=support_mask, class_mask=class_mask, query_mask=query_mask)
         outputs = (adapted.query_outputs[-1] if query_all else
-                   il.query_logits(self.loop, adapted.params, episode.support_x, episode.query_x))
-        post_loss = self.loop.loss(outputs, episode.query_y)
+                   il.query_logits(self.loop, adapted.params, episode.support_x, episode.query_x,
+                                   support_mask, query_mask, class_mask))
+        post_loss = self.loop.loss(outputs, episode.query_y, query_mask)
         result = {"loss": post_loss, "support_loss": adapted.support_losses[-1]}
         if query_all:
-            losses = tf.stack([self.loop.loss(o, episode.query_y) for o in adapted.query_outputs])
+            losses = tf.stack([self.loop.loss(o, episode.query_y, query_mask)
+                               for o in adapted.query_outputs])
             weights = tf.cast(multi_step_weights(steps, self.optimizer.iterations,
                                                  self.config.multi_step_anneal), losses.dtype)
             result["meta_loss"] = tf.reduce_sum(weights * losses)
         else:
             result["meta_loss"] = pooled_loss if pretraining else post_loss
         if self.task == "classification":
-            result["accuracy"] = _accuracy(outputs, episode.query_y)
+            result["accuracy"] = _accuracy(outputs, episode.query_y, query_mask)
         if self.track_pre_adaptation:
             before = il.query_logits(self.loop, [tf.stop_gradient(p) for p in adapted.start],
-                                     episode.support_x, episode.query_x)
-            result["pre_loss"] = self.loop.loss(before, episode.query_y)
+                                     episode.support_x, episode.query_x, support_mask,
+                                     query_mask, class_mask)
+            result["pre_loss"] = self.loop.loss(before, episode.query_y, query_mask)
             if self.task == "classification":
-                result["pre_accuracy"] = _accuracy(before, episode.query_y)
+                result["pre_accuracy"] = _accuracy(before, episode.query_y, query_mask)
         # Only meta_loss is differentiated. An outer tape's gradient of tf.map_fn (as around
         # task_metrics) sends zeros into every other output of the loop body, and TensorFlow
         # cannot tell they are zeros: it would backpropagate them through the support set's
@@ -160,12 +189,18 @@ class MetaLearner(keras.Model):
         minimises (see ``_task_metrics``)."""
         ways = self._ways(episodes)
         signature = {n: tf.TensorSpec([], tf.float32) for n in self._metric_names() + ["meta_loss"]}
-        return tf.map_fn(
-            lambda e: self._task_metrics(Episode(*e), ways, steps, first_order, training)[0],
-            tuple(episodes), fn_output_signature=signature,
-            parallel_iterations=self.config.parallel_iterations)
+        fields, unpack = _mapped(episodes)
+
+        def one_task(f):
+            episode, masks, _ = unpack(f)
+            return self._task_metrics(episode, ways, steps, first_order, training, masks=masks)[0]
+
+        return tf.map_fn(one_task, fields, fn_output_signature=signature,
+                         parallel_iterations=self.config.parallel_iterations)
 
     def _ways(self, episodes):
+        if isinstance(episodes, FamilyBatch):
+            episodes = episodes.episodes
         if self.task == "regression":
             return 1
         ways = episodes.class_ids.shape[-1]
@@ -184,7 +219,10 @@ class MetaLearner(keras.Model):
 
     @property
     def metrics(self):
-        return list(self._trackers.values())
+        return list(self._trackers.values()) + list(self._family_trackers.values())
+
+    def _family_metric_names(self):
+        return ["loss", "accuracy"] if self.task == "classification" else ["loss"]
 
     def _metric_names(self):
         names = ["loss", "support_loss"]
@@ -194,13 +232,22 @@ class MetaLearner(keras.Model):
             names += ["pre_loss"] + (["pre_accuracy"] if self.task == "classification" else [])
         return names
 
-    def _record(self, per_task, finite=None):
+    def _record(self, per_task, finite=None, data=None):
         """The logs of a step. Under XLA, which drops the train step's finiteness assertion,
         they also carry ``update_dropped`` (1 when the step's update was zeroed), on which
-        training stops (``mmtl_tf.training``)."""
+        training stops (``mmtl_tf.training``). For a FamilyBatch ``data``, each task counts
+        by its weight in the overall metrics, and each family's metrics average its tasks."""
+        weight = data.weight if isinstance(data, FamilyBatch) else None
         for name, tracker in self._trackers.items():
-            tracker.update_state(per_task[name])
-        logs = {name: tracker.result() for name, tracker in self._trackers.items()}
+            tracker.update_state(per_task[name], sample_weight=weight)
+        if isinstance(data, FamilyBatch):
+            for (k, metric), tracker in self._family_trackers.items():
+                tracker.update_state(per_task[metric], sample_weight=tf.cast(
+                    tf.equal(data.family, k), tf.float32))
+        logs = {t.name: t.result() for t in self.metrics}
+        if self.family_loss is not None and isinstance(data, FamilyBatch):  # this step's shares
+            shares = task_weighting.family_shares(data.weight, data.family, len(self.families))
+            logs.update({f"{name}_alpha": shares[k] for k, name in enumerate(self.families)})
         if self.inner_lrs:  # learned inner rates (Meta-SGD, MAML++): their mean, as they move
             logs["inner_lr"] = tf.reduce_mean(tf.concat([tf.reshape(v, [-1]) for v in self.inner_lrs], 0))
         if finite is not None and self.jit_compile:
@@ -222,6 +269,9 @@ class MetaLearner(keras.Model):
         data = as_episodes(data)
         if self.config.reptile:
             return self._reptile_step(data)
+        if self.family_loss is not None and isinstance(data, FamilyBatch):
+            data = data._replace(weight=task_weighting.reweighted(data.weight, data.family,
+                                                                  self.family_loss))
         variables = self.meta_variables
         first_order = self._first_order()
         if isinstance(first_order, bool):
@@ -229,15 +279,24 @@ class MetaLearner(keras.Model):
         else:  # derivative-order annealing: a branch per order (see meta_gradients)
             per_task, grads = tf.cond(first_order, lambda: self.meta_gradients(data, True),
                                       lambda: self.meta_gradients(data, False))
+        grads, regularizer = self._regularized(grads, variables)
+        loss = _weighted_mean(per_task["meta_loss"], data) + regularizer
+        finite = self._apply_if_finite(loss, grads, variables)
+        if self.family_loss is not None and isinstance(data, FamilyBatch):
+            self.family_loss.assign(task_weighting.updated_recent(
+                self.family_loss, per_task["loss"], data.family, self.config.family_loss_momentum))
+        return self._record(per_task, finite, data)
+
+    def _regularized(self, grads, variables):
+        """(``grads`` plus the gradient of lambda R(theta), scaled as the meta-gradients are;
+        lambda R(theta)). Learned inner rates are not decayed."""
         with tf.GradientTape() as tape:
             regularizer = self._regularizer()
             scaled = self.optimizer.scale_loss(regularizer / _replicas())
         if self.config.weight_decay:
             decay = tape.gradient(scaled, variables)  # None for learned inner rates
             grads = [g if r is None else g + r for g, r in zip(grads, decay)]
-        loss = tf.reduce_mean(per_task["meta_loss"]) + regularizer
-        finite = self._apply_if_finite(loss, grads, variables)
-        return self._record(per_task, finite)
+        return grads, regularizer
 
     def meta_gradients(self, episodes, first_order: bool):
         """Per-task metrics (as ``task_metrics``, training) and the gradient of the mean
@@ -254,6 +313,7 @@ class MetaLearner(keras.Model):
         """
         ways = self._ways(episodes)
         variables = self.meta_variables
+        fields, unpack = _mapped(episodes)
         if self.inner_lrs:
             # Learned inner rates (Meta-SGD, MAML++): a tape inside the loop body taking the
             # second-order gradient of a rate times a gradient builds a cyclic graph in
@@ -261,26 +321,31 @@ class MetaLearner(keras.Model):
             with tf.GradientTape() as tape:
                 per_task = self.task_metrics(episodes, self.config.inner_steps, first_order,
                                              training=True)
-                scaled = self.optimizer.scale_loss(tf.reduce_mean(per_task["meta_loss"]) /
-                                                   _replicas())
+                scaled = self.optimizer.scale_loss(_weighted_mean(per_task["meta_loss"], episodes)
+                                                   / _replicas())
             return per_task, tape.gradient(scaled, variables)
-        tasks = tf.cast(tf.shape(episodes.support_x)[0], tf.float32)
+        tasks = tf.cast(tf.shape(tf.nest.flatten(fields)[0])[0], tf.float32)
 
         def one_task(fields):
             # Differentiated with respect to the values read here: a Python-bool order and
             # plain tensors keep TensorFlow from building a cyclic graph in the loop body.
             values = [tf.convert_to_tensor(v) for v in variables]
+            episode, masks, weight = unpack(fields)
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(values)
-                metrics = self._task_metrics(Episode(*fields), ways, self.config.inner_steps,
-                                             first_order, training=True, values=values)[0]
-                scaled = self.optimizer.scale_loss(metrics["meta_loss"] / (tasks * _replicas()))
+                metrics = self._task_metrics(episode, ways, self.config.inner_steps,
+                                             first_order, training=True, values=values,
+                                             masks=masks)[0]
+                if weight is None:  # the mean over the meta-batch
+                    scaled = self.optimizer.scale_loss(metrics["meta_loss"] / (tasks * _replicas()))
+                else:  # the task's share of sum_k alpha_k L_k
+                    scaled = self.optimizer.scale_loss(metrics["meta_loss"] * weight / _replicas())
             # a zero head's meta-head gets no gradient: zeros, as map_fn needs tensors
             return metrics, tape.gradient(scaled, values, unconnected_gradients="zero")
 
         metrics = {n: tf.TensorSpec([], tf.float32) for n in self._metric_names() + ["meta_loss"]}
         grads = [tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)) for v in variables]
-        per_task, grads = tf.map_fn(one_task, tuple(episodes), fn_output_signature=(metrics, grads),
+        per_task, grads = tf.map_fn(one_task, fields, fn_output_signature=(metrics, grads),
                                     parallel_iterations=self.config.parallel_iterations)
         return per_task, [tf.reduce_sum(g, 0) for g in grads]
 
@@ -291,7 +356,7 @@ class MetaLearner(keras.Model):
 
     def test_step(self, data):
         data = as_episodes(data)
-        return self._record(self.task_metrics(data, self.config.eval_inner_steps))
+        return self._record(self.task_metrics(data, self.config.eval_inner_steps), data=data)
 
     def _first_order(self):
         if self.config.first_order:
@@ -369,6 +434,7 @@ class MetaLearner(keras.Model):
         # As train_step's loss: summed across replicas, unscaled by a loss-scale optimizer.
         scale = self.optimizer.scale_loss(tf.constant(1.0)) / _replicas()
         grads = [g * tf.cast(scale, g.dtype) for g in grads]
+        grads, _ = self._regularized(grads, self.meta_variables)  # lambda R(theta) as for MAML
         finite = self._apply_if_finite(tf.reduce_mean(per_task["loss"]), grads, self.meta_variables)
         return self._record(per_task, finite)
 
@@ -431,9 +497,31 @@ class AdaptedParams(list):
         self.support_losses, self.steps_run, self.status = support_losses, steps_run, status
 
 
-def _accuracy(logits, labels):
+def _accuracy(logits, labels, mask=None):
+    """Fraction of rows whose argmax is the label; with ``mask`` (B,), of the real rows."""
     predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
-    return tf.reduce_mean(tf.cast(tf.equal(predicted, labels), tf.float32))
+    correct = tf.cast(tf.equal(predicted, labels), tf.float32)
+    if mask is None:
+        return tf.reduce_mean(correct)
+    mask = tf.cast(mask, tf.float32)
+    return tf.reduce_sum(correct * mask) / tf.reduce_sum(mask)
+
+
+def _mapped(data):
+    """(the fields ``tf.map_fn`` maps over, ``fields -> (Episode, masks, weight)``) of a
+    meta-batch: masks and weight are None for plain episodes."""
+    if isinstance(data, FamilyBatch):
+        fields = (tuple(data.episodes), (data.support_mask, data.query_mask, data.class_mask),
+                  data.weight)
+        return fields, lambda f: (Episode(*f[0]), tuple(f[1]), f[2])
+    return tuple(data), lambda f: (Episode(*f), None, None)
+
+
+def _weighted_mean(per_task, data):
+    """The meta-batch's loss: the mean over tasks, or for a FamilyBatch the weighted sum."""
+    if isinstance(data, FamilyBatch):
+        return tf.reduce_sum(per_task * data.weight)
+    return tf.reduce_mean(per_task)
 
 
 
@@ -447,9 +535,9 @@ def feature_dim(encoder) -> int:
 def as_episodes(data) -> Episode:
     """The meta-batch in what Keras hands a step: an Episode, or (Episode, None, None) from
     train_on_batch / test_on_batch."""
-    if isinstance(data, Episode):
+    if isinstance(data, (Episode, FamilyBatch)):
         return data
-    if isinstance(data, tuple) and data and isinstance(data[0], Episode):
+    if isinstance(data, tuple) and data and isinstance(data[0], (Episode, FamilyBatch)):
         if any(part is not None for part in data[1:]):
             raise ValueError("episodes carry their own labels: pass only the Episode, no y or "
                              "sample_weight")
