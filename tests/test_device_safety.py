@@ -163,11 +163,11 @@ def test_personalize_never_replaces_a_saved_state_with_a_stopped_one(tmp_path):
     support = write_support_folder(tmp_path / "support", x, labels)
     query = next((support / "class0").iterdir())
     state = tmp_path / "me.personal"
-    good = personalize(SHIPPED, support, [query], save=state)
+    good = personalize(SHIPPED, support, [query], steps=1, save=state)
     assert good["status"] == "ok" and good["saved"] == str(state)
     before = state.read_bytes()
     with pytest.warns(ondevice.AdaptationWarning, match="non-finite"):
-        stopped = personalize(SHIPPED, support, [query], lr=3e38, save=state)
+        stopped = personalize(SHIPPED, support, [query], steps=1, lr=3e38, save=state)
     assert stopped["status"].startswith("stopped:") and stopped["saved"] is None
     assert "left as it was" in stopped["not_saved"]
     assert state.read_bytes() == before
@@ -230,10 +230,14 @@ def test_an_unchanged_rewritten_state_still_loads(state_bytes, tmp_path):
 
 
 # ----- 13: the adaptation graphs are exact in any conforming ONNX runtime ----------------------
-@pytest.mark.parametrize("stem", ["head_step_s5", "adapt_step_s5", "head_then_adapt_step_s5"])
-def test_adaptation_graphs_agree_in_the_onnx_reference_evaluator(shipped, stem):
+# the shipped (prototype-head) export has no head_then_adapt_step: a zero-head export's is checked
+@pytest.mark.parametrize("export, stem", [("shipped", "head_step_s5"), ("shipped", "adapt_step_s5"),
+                                          ("zero_head", "head_then_adapt_step_s5")])
+def test_adaptation_graphs_agree_in_the_onnx_reference_evaluator(request, export, stem):
     """onnx's ReferenceEvaluator computes LogSoftmax as log(softmax(x)): a masked class (logit
-    -1e9) has log-probability -inf there. 3 classes of 20 and 4 rows of 5: 17 masked classes."""
+    -1e9) has log-probability -inf there. 3 classes of max_ways and 4 rows of 5: masked classes."""
+    shipped = (request.getfixturevalue("shipped") if export == "shipped"
+               else ondevice.load(request.getfixturevalue("untrained_export").folder))
     from onnx.reference import ReferenceEvaluator
 
     rng = np.random.default_rng(5)
@@ -311,18 +315,23 @@ def test_best_step_rule():
 
 @pytest.fixture(scope="module")
 def diverging_task(shipped):
-    """20 evaluation characters, one drawing each: the shipped 5-way rate overshoots at step 3."""
-    return image_io.to_batch(evaluation_characters(20, seed=0), shipped.prep), list(range(20))
+    """5 classes of 4 unrelated evaluation characters each (20 drawings): 3 steps at the shipped
+    rate raise the support loss from 0.24 to 1.24, 2.14 and 0.70 (the default of 0 steps never
+    meets this; a user asking for steps may)."""
+    return image_io.to_batch(evaluation_characters(20, seed=0), shipped.prep), [i // 4 for i in range(20)]
+
+
+DIVERGING_STEPS, DIVERGING_WAYS = 3, 5
 
 
 def test_device_adaptation_keeps_the_best_step_and_says_so(shipped, diverging_task):
     x, labels = diverging_task
     with pytest.warns(ondevice.AdaptationWarning, match="kept_best_step"):
-        personal = shipped.adapt(x, labels)
+        personal = shipped.adapt(x, labels, steps=DIVERGING_STEPS)
     losses = personal.support_losses
-    assert len(losses) == shipped.default_steps + 1 and losses[-1] > 2 * min(losses)
+    assert len(losses) == DIVERGING_STEPS + 1 and losses[-1] > 2 * min(losses)
     kept = int(np.argmin(losses))
-    assert personal.steps_run == kept < shipped.default_steps
+    assert personal.steps_run == kept < DIVERGING_STEPS
     assert personal.status.startswith(f"kept_best_step: the support loss rose after step {kept}")
     assert f"{losses[-1]:.4g}" in personal.status
     shorter = shipped.adapt(x, labels, steps=kept)  # the same weights, reached directly
@@ -334,8 +343,8 @@ def test_device_adaptation_keeps_the_best_step_and_says_so(shipped, diverging_ta
     assert personal.support_loss(x, np.asarray(labels)) == pytest.approx(min(losses), abs=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fixed-step protocol neither keeps nor warns
-        last = shipped.adapt(x, labels, keep_best=False)
-    assert last.status == "ok" and last.steps_run == shipped.default_steps
+        last = shipped.adapt(x, labels, steps=DIVERGING_STEPS, keep_best=False)
+    assert last.status == "ok" and last.steps_run == DIVERGING_STEPS
     assert last.support_loss(x, np.asarray(labels)) == pytest.approx(losses[-1], abs=1e-5)
 
 
@@ -352,18 +361,22 @@ def test_tensorflow_adapt_keeps_the_same_step_as_the_device(shipped, diverging_t
     assert isinstance(learner, MetaLearner)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        device = shipped.adapt(x, labels)
-        params = learner.adapt(x, np.asarray(labels, np.int32))
+        device = shipped.adapt(x, labels, steps=DIVERGING_STEPS)
+        params = learner.adapt(x, np.asarray(labels, np.int32), steps=DIVERGING_STEPS)
     assert [w.category for w in caught] == [ondevice.AdaptationWarning] * 2
     assert params.steps_run == device.steps_run < len(params.support_losses) - 1
     assert params.status.split(" (")[0] == device.status.split(" (")[0]  # same sentence, step
-    np.testing.assert_allclose(params.support_losses, device.support_losses, atol=1e-3)
+    # steps that raise the loss tenfold amplify float32 differences between the two runtimes:
+    # 0.02% at step 1, 0.5% at step 2 here
+    np.testing.assert_allclose(params.support_losses, device.support_losses, rtol=1e-2, atol=1e-3)
     meta = [tf.convert_to_tensor(p) for p in learner.meta_params]
-    direct = il.adapt(learner.loop, meta, tf.constant(x), tf.constant(labels, tf.int32), 20,
-                      params.steps_run, learner.learning_rates(20), True).params
+    direct = il.adapt(learner.loop, meta, tf.constant(x), tf.constant(labels, tf.int32),
+                      DIVERGING_WAYS, params.steps_run, learner.learning_rates(DIVERGING_WAYS),
+                      True).params
     for got, want in zip(params, direct):
         np.testing.assert_array_equal(np.asarray(got), want.numpy())
-    np.testing.assert_allclose(params[-2], device.params["head_w"][:, :20], atol=1e-4)
+    np.testing.assert_allclose(params[-2], device.params["head_w"][:, :DIVERGING_WAYS], rtol=5e-4,
+                               atol=1e-4)  # prototype rows of norm ~1.6: float32 of two runtimes
 
 
 # ----- 15: installing the device runtime never asks a public index for "mmtl_tf" -----------------

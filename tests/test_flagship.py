@@ -79,7 +79,10 @@ def test_the_shipped_card_shows_the_attached_report_and_evaluate_py_gives_it_aga
     again = evaluate_run(SHIPPED, tmp_path, settings=(Setting(5, 1, 15), Setting(20, 1, 5)),
                          curve_steps=0)
     shipped = {row["setting"]: row for row in report["settings"]}
+    # TensorFlow's thread pools differ between evaluate.py (one intra-op thread) and pytest, so
+    # summation orders differ and a few near-tie queries may flip: 10 of the 60,000 20-way
+    # queries did here. 5e-4 allows 30 of 60,000 (and 45 of 90,000 at 5 ways), far below a CI.
     for row in again["settings"]:
         old = shipped[row["setting"]]
-        assert abs(row["accuracy"] - old["accuracy"]) < 1e-4, row["setting"]
-        assert abs(row["device"]["accuracy"] - old["device"]["accuracy"]) < 1e-4, row["setting"]
+        assert abs(row["accuracy"] - old["accuracy"]) < 5e-4, row["setting"]
+        assert abs(row["device"]["accuracy"] - old["device"]["accuracy"]) < 5e-4, row["setting"]
