@@ -84,3 +84,17 @@ def untrained_export(tmp_path_factory) -> TrainedExport:
                      {"step": 0})
     export(root / "run", root / "export", max_shots=UNTRAINED_MAX_SHOTS)
     return TrainedExport(root / "run", root / "export")
+
+
+@pytest.fixture
+def float64():
+    """Builds the next models in float64 (exact comparisons, finite differences), then restores
+    both floatx and the global dtype policy (Keras caches the policy on first use)."""
+    import keras
+
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    yield
+    keras.config.set_floatx(floatx)
+    keras.config.set_dtype_policy(policy)

@@ -38,18 +38,6 @@ def _learner(config, families=tuple(SHAPES), seed=1):
     return MetaLearner(conv4_encoder(image_size=SIDE, filters=4), config, families=families)
 
 
-@pytest.fixture
-def float64():
-    """Builds the next models in float64 (exact comparisons), then restores floatx and the
-    global dtype policy."""
-    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx(floatx)
-    keras.config.set_dtype_policy(policy)
-
-
 def _as_float64(batch):
     """A meta-batch's images in float64 (masks and weights keep their float32)."""
     episodes = batch.episodes if isinstance(batch, FamilyBatch) else batch

@@ -19,18 +19,6 @@ IMAGE = 8  # 8x8 images: 4 stride-2 blocks leave 1x1, so F = filters
 MLP_INPUT = 4
 
 
-@pytest.fixture
-def float64():
-    """Builds the next encoders in float64 (finite differences need it), then restores both
-    floatx and the global dtype policy (Keras caches the policy on first use)."""
-    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx(floatx)
-    keras.config.set_dtype_policy(policy)
-
-
 def _encoder(kind):
     keras.utils.set_random_seed(3)
     if kind == "mlp":
