@@ -132,8 +132,8 @@ class DataConfig:
       seed: fixes the training episode stream.
       families: meta-multi-task learning: the task families meta-trained together (see
         FamilyConfig); empty (the default) trains on the single family above. With families,
-        meta-training episodes come from them only; validation uses the first family's
-        held-out classes.
+        meta-training episodes come from them only; validation scores each family
+        on its held-out classes and keeps the state of the best alpha-weighted mean.
       family_mix: "fixed" (default): every meta-batch holds a fixed number of tasks of each
         family (meta_batch_size split evenly) and alpha_k weights each family's mean loss;
         "proportional": each task's family is drawn with probability alpha_k, every task

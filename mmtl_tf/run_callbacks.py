@@ -59,7 +59,7 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
-MONITORS = ("accuracy", "loss")
+MONITORS = ("accuracy", "loss", "weighted_accuracy")  # highest, lowest, highest
 
 
 class RunFolder(keras.callbacks.Callback):
@@ -72,8 +72,9 @@ class RunFolder(keras.callbacks.Callback):
     the last checkpoint (best score and its step, evaluations without improvement);
     ``config`` (the run's configuration) goes into every checkpoint's record, so a checkpoint
     is never resumed under another configuration even when config.json is gone.
-    ``monitor``: the validation metric that chooses the best state, "accuracy" (highest) or
-    "loss" (lowest: regression); the state keeps it as ``best_<monitor>``."""
+    ``monitor``: the validation metric that chooses the best state, "accuracy" (highest),
+    "loss" (lowest: regression) or "weighted_accuracy" (highest: task families' alpha-weighted
+    mean); the state keeps it as ``best_<monitor>``."""
 
     def __init__(self, workdir, steps, checkpoint_every, eval_every, patience, validate,
                  signals: StopSignals, inner_lr: float, state: dict, prepare=None,
@@ -121,7 +122,7 @@ class RunFolder(keras.callbacks.Callback):
     def _validate(self, step):
         report = self.validated[step] = self.validate()
         score, best = report[self.monitor], self.state[self.best_key]
-        if best is None or (score > best if self.monitor == "accuracy" else score < best):
+        if best is None or (score < best if self.monitor == "loss" else score > best):
             self.state.update({self.best_key: score, "best_step": step, "stale": 0})
             self.prepare()
             checkpoints.save(self.model, checkpoints.folder(self.workdir) / checkpoints.BEST,
@@ -181,8 +182,9 @@ class MetricsLog(keras.callbacks.Callback):
         row["meta_lr"] = float(self.model.optimizer.learning_rate)  # the schedule's, now
         if step in self.run.validated:  # also into logs: the progress line shows it
             report = self.run.validated[step]
-            name = f"val_{self.run.monitor}"
-            row[name] = logs[name] = report[self.run.monitor]
+            for metric in dict.fromkeys((self.run.monitor, "accuracy")):  # selection's first
+                if metric in report:
+                    row[f"val_{metric}"] = logs[f"val_{metric}"] = report[metric]
             # also_validate settings ("20w1s") and task families (names start with a letter)
             for setting, accuracy in {**report.get("settings", {}),
                                       **report.get("families", {})}.items():

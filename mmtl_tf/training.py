@@ -103,7 +103,10 @@ def _family_sampler(config: ExperimentConfig, part: str, first=None):
 
 def monitor_of(config: ExperimentConfig) -> str:
     """The validation metric that chooses a run's best state: query accuracy (highest) for
-    classification, query mean squared error (lowest) for the sinusoid's regression."""
+    classification, query mean squared error (lowest) for the sinusoid's regression, and for
+    task families the alpha-weighted mean of the validated families' accuracies (highest)."""
+    if config.data.families:
+        return "weighted_accuracy"
     return "loss" if config.data.family == "sinusoid" else "accuracy"
 
 
@@ -139,8 +142,9 @@ def scored_on(config: ExperimentConfig, part: str) -> str:
                 "Omniglot sources: the validation alphabets") + (
             "; TFDS and folder sources: a fixed 20% of their classes")
         if part == "validation":
-            return (f"validation classes of family {config.data.families[0].name!r} (they "
-                    f"choose the best state); every family's own under 'families' ({held})")
+            return (f"validation classes of family {config.data.families[0].name!r} "
+                    f"('accuracy'); every family's own under 'families', whose alpha-weighted "
+                    f"mean ('weighted_accuracy') chooses the best state ({held})")
         return f"each family's {part} classes, held out of its training classes ({held})"
     return {"validation": "validation alphabets (held out of the training characters; used for "
                           "every choice)",
@@ -176,6 +180,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     validation = _validation_episodes(config)
     also = {s: _validation_episodes(config, s) for s in t.also_validate} if validation else {}
     families, not_validated = _family_validation(config, validation)
+    weights = selection_weights(config, families)
     strategy = strategy or tf.distribute.get_strategy()
     if config.data.families and strategy.num_replicas_in_sync > 1:
         # A task's weight is its share of the whole meta-batch: split across replicas, the
@@ -197,7 +202,7 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     signals = StopSignals()
     run = RunFolder(workdir, t.steps, t.checkpoint_every, t.eval_every if validation else 0,
                     t.early_stopping_patience,
-                    lambda: _validate(learner, validation, also, families), signals, config.meta.inner_lr,
+                    lambda: _validate(learner, validation, also, families, weights), signals, config.meta.inner_lr,
                     state, prepare=lambda: calibrate_batch_norm(learner, train_sampler,
                                                                 config.data.seed),
                     config=config.to_dict(), monitor=monitor_of(config))
@@ -314,7 +319,7 @@ def _validation_episodes(config: ExperimentConfig, setting: str | None = None):
 def _family_validation(config: ExperimentConfig, validation) -> tuple[dict, dict]:
     """({family name: its fixed validation episodes}, {family name: why it has none}) of a run
     with task families ({} and {} without): the first family's are the run's own
-    ``validation`` (which chooses the best state), the others' are drawn like them. A family
+    ``validation`` (its report's ``accuracy``), the others' are drawn like them. A family
     left out is printed once, here, before training."""
     d, t = config.data, config.train
     if not d.families or validation is None:
@@ -327,17 +332,37 @@ def _family_validation(config: ExperimentConfig, validation) -> tuple[dict, dict
     return {d.families[0].name: validation, **drawn}, missing
 
 
-def _validate(learner, validation, also: dict, families: dict | None = None) -> dict:
+def selection_weights(config: ExperimentConfig, families: dict) -> dict:
+    """{family name: its share of the best-state score} over the validated families: alpha_k
+    renormalised over them; equal shares if every validated family has alpha 0 (said once)."""
+    alpha = {f.name: a for f, a in zip(config.data.families, config.data.family_weights)}
+    total = sum(alpha[name] for name in families)
+    if families and total == 0:
+        print(f"note: the validated families {sorted(families)} all have weight 0; the best "
+              "state is chosen by their unweighted mean accuracy")
+        return {name: 1.0 / len(families) for name in families}
+    return {name: alpha[name] / total for name in families}
+
+
+def _validate(learner, validation, also: dict, families: dict | None = None,
+              weights: dict | None = None) -> dict:
     """The validation report of the training setting; ``settings`` holds the accuracy of each
     ``train.also_validate`` setting (logged, never used for selection), ``settings_ci95`` the
     half-width of its 95% confidence interval; ``families`` and ``families_ci95`` the same for
-    each task family's validation episodes (``_family_validation``)."""
+    each task family's validation episodes (``_family_validation``), and ``weighted_accuracy``
+    their mean under ``weights`` (``selection_weights``), which chooses a family run's best state."""
     report = evaluate_episodes(learner, validation)
     for key, sets in {"settings": also, **({"families": families} if families else {})}.items():
         scores = {s: report if e is validation else evaluate_episodes(learner, e)
                   for s, e in sets.items()}
         report[key] = {s: r["accuracy"] for s, r in scores.items()}
         report[f"{key}_ci95"] = {s: r["accuracy_ci95"] for s, r in scores.items()}
+    if families:
+        report["weighted_accuracy"] = sum(w * report["families"][name]
+                                          for name, w in weights.items())
+        # the families' episodes are drawn independently: their half-widths add in quadrature
+        report["weighted_accuracy_ci95"] = float(sum(
+            (w * report["families_ci95"][name]) ** 2 for name, w in weights.items()) ** 0.5)
     return report
 
 

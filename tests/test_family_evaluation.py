@@ -53,6 +53,17 @@ def test_validation_scores_every_family_that_holds_out_classes(family_run):
     assert row["val_chars_accuracy"] == pytest.approx(metrics["accuracy"])
     assert row["val_mine_accuracy"] == pytest.approx(metrics["families"]["mine"])
     assert "val_few_accuracy" not in row
+    # the best state is chosen by alpha renormalised over the validated families (1:1 here;
+    # 'few', alpha 0.5, holds out no validation classes)
+    by_hand = (metrics["families"]["chars"] + metrics["families"]["mine"]) / 2
+    assert metrics["weighted_accuracy"] == pytest.approx(by_hand, abs=1e-12)
+    half_widths = np.array([metrics["families_ci95"][name] for name in ("chars", "mine")])
+    assert metrics["weighted_accuracy_ci95"] == pytest.approx(np.hypot(*half_widths) / 2)
+    validated = [r for r in read_history(workdir) if "val_weighted_accuracy" in r]
+    assert row["val_weighted_accuracy"] == pytest.approx(by_hand)
+    best = max(validated, key=lambda r: r["val_weighted_accuracy"])
+    assert metrics["best_weighted_accuracy"] == pytest.approx(best["val_weighted_accuracy"])
+    assert metrics["best_step"] == best["step"]
     # 'mine' was scored on its own validation classes: the same episodes, scored again
     learner, _ = load_learner(workdir, "latest")  # step 2: validated, then checkpointed
     d = config.data
@@ -122,3 +133,18 @@ def test_a_family_run_refuses_one_setting_in_one_line(family_run, tmp_path, caps
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "meta-trained on task families" in err and "drop --ways/--shots" in err
+
+
+def test_the_best_state_weighs_the_validated_families_by_their_renormalised_alpha(capsys):
+    from mmtl_tf.training import selection_weights
+
+    config = with_families(preset("tiny"), [
+        parse_family(f"name={name},source=omniglot:small1,ways=5,shots=1,weight={weight}")
+        for name, weight in (("a", 3), ("b", 1), ("c", 0.5))])
+    weights = selection_weights(config, {"a": None, "c": None})  # 'b' not validated
+    assert weights == pytest.approx({"a": 3 / 3.5, "c": 0.5 / 3.5}, abs=1e-12)
+    zero = with_families(preset("tiny"), [
+        parse_family(f"name={name},source=omniglot:small1,ways=5,shots=1,weight={weight}")
+        for name, weight in (("a", 0), ("b", 1), ("c", 0))])
+    assert selection_weights(zero, {"a": None, "c": None}) == {"a": 0.5, "c": 0.5}
+    assert "all have weight 0; the best state is chosen by their unweighted mean" in capsys.readouterr().out

@@ -70,7 +70,10 @@ def trial_config(base: ExperimentConfig, values: dict, steps: int) -> Experiment
 
 
 def trial_score(config: ExperimentConfig, metrics: dict, target: str) -> tuple[float, float]:
-    """(accuracy, 95% CI half-width) of a trial's final validation on ``target``."""
+    """(accuracy, 95% CI half-width) of a trial's final validation on ``target``; with task
+    families, the alpha-weighted mean over the families (what chooses a run's best state)."""
+    if config.data.families:
+        return metrics["weighted_accuracy"], metrics["weighted_accuracy_ci95"]
     if target in config.train.also_validate:
         return metrics["settings"][target], metrics["settings_ci95"][target]
     return metrics["accuracy"], metrics["accuracy_ci95"]
