@@ -34,6 +34,10 @@ def check_exportable(learner) -> None:
         raise ValueError(f"learned_inner_lr={learner.config.learned_inner_lr!r}: a regression "
                          "export carries one constant inner rate (algorithms maml, fomaml, "
                          "anil, pretrain); learned rates are exported for classifiers only")
+    if learner.config.proximal:  # a device would adapt without it: refuse, do not drift
+        raise ValueError(f"meta.proximal={learner.config.proximal}: a regression export's "
+                         "adapt_step does not carry the proximal term (classifier exports do); "
+                         "export a run trained with meta.proximal=0")
 
 
 def parameters(learner):

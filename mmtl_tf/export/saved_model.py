@@ -74,12 +74,14 @@ class AdaptationModule(tf.Module):
         lrs = [tf.where(inner_lr > 0, tf.fill(tf.shape(lr), inner_lr), lr) for lr in self._values(self.lrs)]
         params = self._values(self.params)
         params = params[:-2] + list(ex.init_head(support_x, support_y, mask, params))
+        start = list(params)  # the proximal term's anchor (a proximal model only)
 
         def body(i, *ps):
             rates = lrs
             if self.per_step:  # MAML++: algorithms.rate_step's rule, on a step tensor
                 rates = [tf.gather(lr, tf.minimum(i, tf.shape(lr)[0] - 1)) for lr in lrs]
-            _, new = ex.adapt_step(support_x, support_y, mask, class_mask, list(ps), rates)
+            _, new = ex.adapt_step(support_x, support_y, mask, class_mask, list(ps), rates,
+                                   start if ex.proximal else ())
             return (i + 1, *new)
 
         _, *params = tf.while_loop(lambda i, *ps: i < steps, body, (tf.constant(0), *params))
