@@ -62,8 +62,8 @@ def _task(ways, shots, seed):
     class: each class a random stroke pattern, each image it with 10% of the pixels flipped."""
     rng = np.random.default_rng(seed)
     patterns = np.kron(rng.random((ways, 7, 7)) < 0.3, np.ones((4, 4), bool))  # (N, 28, 28)
-    flip = lambda k: np.repeat(patterns, k, 0) ^ (rng.random((ways * k, 28, 28)) < 0.1)  # noqa: E731
-    support, query = flip(shots), flip(QUERIES)
+    support, query = (np.repeat(patterns, k, 0) ^ (rng.random((ways * k, 28, 28)) < 0.1)
+                      for k in (shots, QUERIES))
     labels = np.repeat(np.arange(ways), shots).astype(np.int32)
     return (support[..., None].astype(np.float32), labels, query[..., None].astype(np.float32))
 
@@ -103,7 +103,8 @@ def test_device_adaptation_matches_tensorflows_proximal_inner_loop(run, model, m
     assert ("head_then_adapt_step" in used) == (path == "fused")
     want = tensorflow_adaptation(run[0], "float64", support_x, support_y, query, ways, STEPS)
     for name, expected in zip(model.param_names, want["params"]):
-        got = personal.params[name][..., :ways] if name.startswith("head") else personal.params[name]
+        got = personal.params[name]
+        got = got[..., :ways] if name.startswith("head") else got  # the head's N active classes
         np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE, err_msg=name)
     np.testing.assert_allclose(personal.support_losses, want["support_losses"], rtol=0,
                                atol=TOLERANCE)
@@ -141,6 +142,22 @@ def test_head_only_and_kept_best_adaptation_match_tensorflow(run, model, tensorf
     kept = tensorflow_adaptation(run[0], "float64", support_x, support_y, query, 5,
                                  best.steps_run)
     np.testing.assert_allclose(best.logits(query), kept["logits"], rtol=0, atol=TOLERANCE)
+
+
+def test_a_zero_head_away_from_the_anchor_takes_the_full_step(model):
+    """The device's head-only shortcut for a zero head holds only while the encoder sits at
+    its anchor: elsewhere the term moves the encoder even under a zero head."""
+    support_x, support_y, _ = _task(4, 1, seed=9)
+    rng = np.random.default_rng(2)
+    anchor = dict(model.params)
+    params = {n: (a + rng.normal(0, 0.05, a.shape)).astype(np.float32) for n, a in anchor.items()}
+    params["head_w"], params["head_b"] = (np.zeros_like(anchor[n]) for n in ("head_w", "head_b"))
+    support = {**model._support(model.graph("adapt_step", 4), support_x, support_y, 4),
+               **{"anchor_" + n: a for n, a in anchor.items()}}
+    [(_, update)] = model._next_steps(support, params, model.lrs, 2, STEPS, head_only=False)
+    assert sorted(update) == sorted(model.param_names)
+    for name in model.param_names[:-2]:
+        assert np.abs(update[name] - params[name]).max() > 1e-4, name
 
 
 @pytest.fixture(scope="module")

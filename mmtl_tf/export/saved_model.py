@@ -2,7 +2,8 @@
 
 All three run the one inner loop through ``Exportable`` (signatures.py). The support set has any
 size; its N is read from the labels (0..N-1) and the head stays ``max_ways`` wide with the other
-classes masked, exactly as in the ONNX adaptation graph.
+classes masked, exactly as in the ONNX adaptation graph; a proximal model's steps are anchored
+at the parameters the task starts from (after ``init_head``), as ``inner_loop.adapt`` anchors them.
 """
 
 from __future__ import annotations
