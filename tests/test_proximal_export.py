@@ -160,6 +160,24 @@ def test_a_zero_head_away_from_the_anchor_takes_the_full_step(model):
         assert np.abs(update[name] - params[name]).max() > 1e-4, name
 
 
+def test_a_proximal_manifest_over_graphs_without_anchors_is_refused_in_one_line(run, tmp_path):
+    import shutil
+
+    from mmtl_tf import ondevice
+    from mmtl_tf.export.exporter import write_manifest
+
+    folder = shutil.copytree(run[1], tmp_path / "export")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    inputs = manifest["graphs"]["adapt_step_s5"]["inputs"]
+    manifest["graphs"]["adapt_step_s5"]["inputs"] = [i for i in inputs
+                                                     if not i["name"].startswith("anchor_")]
+    write_manifest(folder, manifest)
+    with pytest.raises(ondevice.ExportError, match="proximal=0.7 but graph adapt_step_s5 takes "
+                                                   "no anchor_<param> inputs; re-export") as err:
+        ondevice.load(folder)
+    assert "\n" not in str(err.value)
+
+
 @pytest.fixture(scope="module")
 def plain_adapt_step(run):
     """The full-size adapt_step graph of the same weights with mu = 0, and its Exportable."""

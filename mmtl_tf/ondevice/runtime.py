@@ -83,6 +83,7 @@ class ExportedModel:
         self.bn_names = list(manifest["batch_norm_statistics"])
         self.meta_init_sha256 = manifest["meta_init_sha256"]
         self.params, self.bn_stats, self.lrs = self._read_params(manifest["params_file"])
+        self._check_anchors()
         self._options = ort.SessionOptions()
         # The graphs take their weights as inputs, so onnxruntime's extended optimisations
         # (layout changes that pre-pack constant weights) cannot pay off and re-pack at every
@@ -110,6 +111,16 @@ class ExportedModel:
         pick = lambda names: {n: arrays[n].astype(np.float32) for n in names}
         return (pick(self.param_names), pick(self.bn_names),
                 {n: arrays["lr_" + n].astype(np.float32) for n in self.param_names})
+
+    def _check_anchors(self) -> None:
+        """Refuses a proximal manifest whose adaptation graphs lack the anchor inputs: fed
+        as extras they would be ignored, and the device would adapt without the term."""
+        for stem, graph in self.manifest["graphs"].items() if self.proximal else ():
+            inputs = {i["name"] for i in graph["inputs"]}
+            if "class_mask" in inputs and "anchor_head_w" not in inputs:  # an adaptation step
+                raise ExportError(f"{self.folder / MANIFEST} says proximal={self.proximal} but "
+                                  f"graph {stem} takes no anchor_<param> inputs; re-export the "
+                                  "model")
 
     # ----- graphs ---------------------------------------------------------------------------
     def graph(self, stem: str, rows: int | None = None) -> str:
