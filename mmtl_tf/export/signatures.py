@@ -26,7 +26,6 @@ import re
 import tensorflow as tf
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ExportSpec:
     """Static sizes of the exported graphs."""
