@@ -98,3 +98,41 @@ def float64():
     yield
     keras.config.set_floatx(floatx)
     keras.config.set_dtype_policy(policy)
+
+
+def _tensorflow_adaptation(workdir, dtype, support_x, support_y, query, ways, steps,
+                           head_only=False):
+    """The TF inner loop of the training run in ``workdir``, the encoder built in ``dtype``:
+    query logits (Q, N), support losses (steps + 1,) and the adapted params (head N wide).
+    ``head_only`` adapts the head alone (the device's ``adapt(head_only=True)``)."""
+    import dataclasses
+
+    import keras
+    import tensorflow as tf
+
+    from mmtl_tf.meta import inner_loop as il
+    from mmtl_tf.training import load_learner
+
+    keras.mixed_precision.set_global_policy(dtype)  # load_learner builds with the global policy
+    try:
+        learner, _ = load_learner(workdir)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert learner.encoder.convs[0].kernel.dtype == dtype
+    loop = learner.loop
+    if head_only:
+        encoder = len(learner.meta_params) - 2
+        loop = dataclasses.replace(loop, adapt_mask=(False,) * encoder + (True, True))
+    meta = [tf.convert_to_tensor(p) for p in learner.meta_params]
+    cast = lambda a: tf.constant(a, dtype)  # noqa: E731
+    adapted = il.adapt(loop, meta, cast(support_x), support_y, ways, steps,
+                       learner.learning_rates(ways), first_order=True)
+    logits = il.query_logits(loop, adapted.params, cast(support_x), cast(query))
+    return {"logits": logits.numpy(), "support_losses": adapted.support_losses.numpy(),
+            "params": [p.numpy() for p in adapted.params]}
+
+
+@pytest.fixture(scope="session")
+def tensorflow_adaptation():
+    """``_tensorflow_adaptation``: the reference the device's adaptation is compared with."""
+    return _tensorflow_adaptation

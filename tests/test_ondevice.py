@@ -253,7 +253,7 @@ PARITY_CASES = [("trained", 5, 1, 3), ("trained", 3, (2, 1, 3), 2), ("trained", 
                          ids=[f"{e}-{w}w{s if isinstance(s, int) else '-'.join(map(str, s))}s{q}q"
                               for e, w, s, q in PARITY_CASES])
 def test_adaptation_and_predictions_match_tensorflow(request, tmp_path, export, ways, shots,
-                                                     queries):
+                                                     queries, tensorflow_adaptation):
     """Logits, support losses, probabilities and labels of the device against TensorFlow's
     inner loop at the same weights, in float64 as well as in float32: at 20-way 5-shot
     TensorFlow's own float32 kernels drift ~2.5e-4 from float64 on these logits (the encoder's
@@ -271,14 +271,14 @@ def test_adaptation_and_predictions_match_tensorflow(request, tmp_path, export, 
     names = sorted(set(labels))
     assert personal.class_names == names and len(query) == ways * queries
     support_y = np.asarray([names.index(label) for label in labels], np.int32)
-    exact = _tensorflow_adaptation(run, "float64", support_x, support_y, query, ways,
+    exact = tensorflow_adaptation(run.workdir, "float64", support_x, support_y, query, ways,
                                    model.default_steps)
     np.testing.assert_allclose(personal.logits(query), exact["logits"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(personal.support_losses, exact["support_losses"], atol=1e-5)
     # one query at a time: support statistics make each prediction independent of the batch
     np.testing.assert_allclose(personal.logits(query[:1]), exact["logits"][:1], atol=1e-5, rtol=0)
     if len(support_y) <= 25:  # and TensorFlow's float32 result, where that is itself accurate
-        single = _tensorflow_adaptation(run, "float32", support_x, support_y, query,
+        single = tensorflow_adaptation(run.workdir, "float32", support_x, support_y, query,
                                         ways, model.default_steps)
         np.testing.assert_allclose(personal.logits(query), single["logits"], atol=1e-4, rtol=0)
     # predictions: the softmax of TensorFlow's logits, and the class of its largest logit
@@ -292,28 +292,6 @@ def test_adaptation_and_predictions_match_tensorflow(request, tmp_path, export, 
     predicted = personal.predict(query)
     assert [label for label, _ in predicted] == [names[i] for i in exact["logits"].argmax(1)]
     np.testing.assert_allclose([p for _, p in predicted], probabilities.max(1), rtol=0, atol=0)
-
-
-def _tensorflow_adaptation(run, dtype, support_x, support_y, query, ways, steps):
-    """The TF inner loop of the export's run (``run.workdir``), the encoder built in ``dtype``."""
-    import keras
-    import tensorflow as tf
-
-    from mmtl_tf.meta import inner_loop as il
-    from mmtl_tf.training import load_learner
-
-    keras.mixed_precision.set_global_policy(dtype)  # load_learner builds with the global policy
-    try:
-        learner, _ = load_learner(run.workdir)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    assert learner.encoder.convs[0].kernel.dtype == dtype
-    meta = [tf.convert_to_tensor(p) for p in learner.meta_params]
-    cast = lambda a: tf.constant(a, dtype)  # noqa: E731
-    adapted = il.adapt(learner.loop, meta, cast(support_x), support_y, ways, steps,
-                       learner.learning_rates(ways), first_order=True)
-    logits = il.query_logits(learner.loop, adapted.params, cast(support_x), cast(query))
-    return {"logits": logits.numpy(), "support_losses": adapted.support_losses.numpy()}
 
 
 @pytest.fixture

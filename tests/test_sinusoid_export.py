@@ -67,9 +67,11 @@ def _onnx_adapt(folder, support_x, support_y, query_x, steps):
     k = len(support_x)
     padded["support_x"][:k], padded["support_y"][:k], padded["sample_mask"][:k] = (
         support_x, support_y, 1.0)
+    # a proximal export's anchor: the parameters the task starts from
+    anchor = {"anchor_" + n: v for n, v in params.items()} if manifest.get("proximal") else {}
     losses = []
     for _ in range(steps):
-        loss, *new = step.run(None, {**padded, **params, **rates})
+        loss, *new = step.run(None, {**padded, **params, **rates, **anchor})
         losses.append(float(loss))
         params = dict(zip(names, new))
     return losses, predict.run(None, {"x": query_x, **params})[0]
@@ -101,6 +103,39 @@ def test_the_regression_export_adapts_in_onnxruntime_as_in_tensorflow(tiny_runs,
         assert outputs.shape == (queries, 1)
         np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(losses, adapted.support_losses.numpy()[:steps], rtol=1e-5)
+
+
+def test_a_proximal_regression_export_adapts_with_the_term_as_tensorflow(tmp_path):
+    """A fresh sinusoid learner with mu = 0.6 (no training needed): 7 steps of adapt_step fed
+    the anchors agree with TensorFlow's inner loop, and land away from the steps without it."""
+    from mmtl_tf import checkpoints
+    from mmtl_tf.config import preset
+    from mmtl_tf.export.exporter import export
+    from mmtl_tf.meta import inner_loop as il
+    from mmtl_tf.training import build_learner
+
+    config = preset("sinusoid").replace(meta={"proximal": 0.6})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(config.to_json())
+    learner = build_learner(config)
+    checkpoints.save(learner, checkpoints.folder(tmp_path / "run") / checkpoints.BEST, {"step": 0})
+    manifest = export(tmp_path / "run", tmp_path / "export")
+    assert manifest["proximal"] == 0.6
+    inputs = [i["name"] for i in manifest["graphs"]["adapt_step"]["inputs"]]
+    assert inputs[-len(manifest["parameters"]):] == ["anchor_" + n for n in manifest["parameters"]]
+    theta = [tf.convert_to_tensor(p) for p in learner.meta_params]
+    task, steps = sr.draw_tasks(10, 20, seed=7, count=1), 7
+    losses, outputs = _onnx_adapt(tmp_path / "export", task.support_x[0], task.support_y[0],
+                                  task.query_x[0], steps)
+    for loop in (learner.loop, dataclasses.replace(learner.loop, proximal=0.0)):
+        adapted = il.adapt(loop, theta, task.support_x[0], task.support_y[0], 1, steps,
+                           learner.learning_rates(1), True)
+        expected = loop.logits(adapted.params, task.query_x[0]).numpy()
+        if loop.proximal:
+            np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(losses, adapted.support_losses.numpy()[:steps], rtol=1e-5)
+        else:
+            assert np.abs(outputs - expected).max() > 1e-3
 
 
 def test_the_device_runtime_and_the_exporter_refuse_in_one_line(tiny_runs, tmp_path):

@@ -50,10 +50,6 @@ def export(workdir, out, force: bool = False, max_shots: int = 5, opset: int | N
                               "replace it")
     _check_attachments(attachments)
     learner, config = load_learner(workdir, checkpoint)
-    if learner.config.proximal:  # the device would adapt without it: refuse, do not drift
-        raise ValueError(f"{workdir} adapts with a proximal term (meta.proximal="
-                         f"{learner.config.proximal}), which the exported adaptation graphs do "
-                         "not carry yet; export a run trained with meta.proximal=0")
     if default_steps is not None:
         learner.config = dataclasses.replace(learner.config, eval_inner_steps=default_steps)
         config = dataclasses.replace(config, meta=dataclasses.replace(
@@ -240,6 +236,9 @@ def build_manifest(folder: Path, exportable, config, graphs: dict, opset: int) -
                       else "support statistics (non-transductive)",
         "transductive": spec.transductive,
         "algorithm": learner.config.algorithm,
+        # mu of the proximal term mu/2 * ||params - anchor||^2 every adaptation step descends;
+        # > 0: the adaptation graphs take the task's starting params as anchor_<param>
+        "proximal": exportable.proximal,
         "onnx_opset": opset,
         "parameters": exportable.names, "batch_norm_statistics": exportable.bn,
         "graphs": {stem: {"file": f"{stem}.onnx", **graph_io(model)} for stem, model in sorted(graphs.items())},

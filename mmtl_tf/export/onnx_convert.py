@@ -23,7 +23,14 @@ converting the same function twice gives byte-identical files.
                  next_loss, new_<param>: head_step then adapt_step (zero-head models only)
   meta_init      images -> logits with the meta-learned weights baked in
 
-Inputs and outputs carry exactly the names of ``signatures`` (param_names, bn_names; learning rates are lr_<param>).
+A proximal model (``Exportable.proximal`` mu > 0) adds ``anchor_<param>`` inputs, the task's
+starting params (the meta-initialisation with init_head's head), after all the others of
+adapt_step and head_then_adapt_step, and ``anchor_head_w``, ``anchor_head_b`` to head_step: each
+step then descends the support loss plus mu/2 * ||params - anchor||^2 (``InnerLoop.step``).
+Without the term the graphs have no anchor inputs.
+
+Inputs and outputs carry exactly the names of ``signatures`` (param_names, bn_names; learning
+rates are lr_<param>, proximal anchors anchor_<param>).
 """
 
 from __future__ import annotations
@@ -141,11 +148,13 @@ def _step(method, outputs):
 
         def fn(support_x, support_y, sample_mask, class_mask, *rest):
             loss, new = getattr(ex, method)(support_x, support_y, sample_mask, class_mask,
-                                            rest[:n], rest[n:])
+                                            rest[:n], rest[n:2 * n], rest[2 * n:])
             return [loss, *new]
 
         names = ["loss"] + ["new_" + p for p in (ex.names if outputs is None else outputs)]
-        return fn, [*_support_specs(ex), class_mask, *ex.param_specs(), *ex.lr_specs()], names
+        anchors = ex.anchor_specs(head_only=method == "head_step")
+        return fn, [*_support_specs(ex), class_mask, *ex.param_specs(), *ex.lr_specs(),
+                    *anchors], names
     return build
 
 
@@ -156,11 +165,13 @@ def _head_then_adapt_step(ex):
 
     def fn(support_x, support_y, sample_mask, class_mask, *rest):
         loss, head, next_loss, new = ex.head_then_adapt_step(
-            support_x, support_y, sample_mask, class_mask, rest[:n], rest[n:2 * n], rest[2 * n:])
+            support_x, support_y, sample_mask, class_mask, rest[:n], rest[n:2 * n],
+            rest[2 * n:3 * n], rest[3 * n:])
         return [loss, *head, next_loss, *new]
 
     names = ["loss", "head_w_1", "head_b_1", "next_loss"] + ["new_" + p for p in ex.names]
-    specs = [*_support_specs(ex), class_mask, *ex.param_specs(), *ex.lr_specs(), *next_lrs]
+    specs = [*_support_specs(ex), class_mask, *ex.param_specs(), *ex.lr_specs(), *next_lrs,
+             *ex.anchor_specs()]
     return fn, specs, names
 
 

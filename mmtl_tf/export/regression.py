@@ -3,7 +3,9 @@
   predict     x (B, 1) with any B, params -> y (B, 1)
   adapt_step  support_x (MAX_SUPPORT, 1), support_y (MAX_SUPPORT, 1), sample_mask
               (MAX_SUPPORT,), params, lr_<param>
-              -> loss (the support MSE before the step), new_<param> for every param
+              -> loss (the support MSE before the step), new_<param> for every param;
+              a proximal model (manifest ``proximal`` mu > 0) also takes anchor_<param>, the
+              parameters the task starts from (the meta-initialisation), after the rates
 
 Both run the one inner loop (``InnerLoop.logits``, ``InnerLoop.step``): ``adapt_step`` chained k
 times from the meta-initialisation in ``params.npz`` (feeding ``new_<param>`` back as
@@ -58,6 +60,8 @@ def graphs(learner, opset: int) -> dict:
     loop, n = learner.loop, len(params)
     param_specs = [tf.TensorSpec(p.shape, p.dtype, name) for p, name in zip(params, names)]
     lr_specs = [tf.TensorSpec([], tf.float32, "lr_" + name) for name in names]
+    anchor_specs = [tf.TensorSpec(p.shape, p.dtype, "anchor_" + name)
+                    for p, name in zip(params, names)] if loop.proximal else []
     column = lambda rows, name: tf.TensorSpec([rows, 1], tf.float32, name)  # noqa: E731
     support = [column(MAX_SUPPORT, "support_x"), column(MAX_SUPPORT, "support_y"),
                tf.TensorSpec([MAX_SUPPORT], tf.float32, "sample_mask")]
@@ -66,13 +70,13 @@ def graphs(learner, opset: int) -> dict:
         return loop.logits(list(params), x)
 
     def adapt_step(support_x, support_y, sample_mask, *rest):
-        loss, new = loop.step(list(rest[:n]), support_x, support_y, list(rest[n:]), True,
-                              sample_mask)
+        loss, new = loop.step(list(rest[:n]), support_x, support_y, list(rest[n:2 * n]), True,
+                              sample_mask, anchor=list(rest[2 * n:]) or None)
         return [loss, *new]
 
     return {"predict": to_onnx(predict, [column(None, "x"), *param_specs], ["y"], opset,
                                graph_name="predict"),
-            "adapt_step": to_onnx(adapt_step, [*support, *param_specs, *lr_specs],
+            "adapt_step": to_onnx(adapt_step, [*support, *param_specs, *lr_specs, *anchor_specs],
                                   ["loss"] + ["new_" + name for name in names], opset,
                                   graph_name="adapt_step")}
 
@@ -96,6 +100,7 @@ def manifest(folder: Path, learner, config, onnx_graphs: dict, opset: int, param
         "inner_lr": learner.config.inner_lr,
         "adapt_head_only": learner.config.adapt_head_only,
         "algorithm": learner.config.algorithm,
+        "proximal": float(learner.config.proximal),  # > 0: adapt_step takes anchor_<param>
         "onnx_opset": opset,
         "parameters": parameters(learner)[0],
         "graphs": {stem: {"file": f"{stem}.onnx", **graph_io(model)}

@@ -2,7 +2,8 @@
 
 All three run the one inner loop through ``Exportable`` (signatures.py). The support set has any
 size; its N is read from the labels (0..N-1) and the head stays ``max_ways`` wide with the other
-classes masked, exactly as in the ONNX adaptation graph.
+classes masked, exactly as in the ONNX adaptation graph; a proximal model's steps are anchored
+at the parameters the task starts from (after ``init_head``), as ``inner_loop.adapt`` anchors them.
 """
 
 from __future__ import annotations
@@ -74,12 +75,14 @@ class AdaptationModule(tf.Module):
         lrs = [tf.where(inner_lr > 0, tf.fill(tf.shape(lr), inner_lr), lr) for lr in self._values(self.lrs)]
         params = self._values(self.params)
         params = params[:-2] + list(ex.init_head(support_x, support_y, mask, params))
+        start = list(params)  # the proximal term's anchor (a proximal model only)
 
         def body(i, *ps):
             rates = lrs
             if self.per_step:  # MAML++: algorithms.rate_step's rule, on a step tensor
                 rates = [tf.gather(lr, tf.minimum(i, tf.shape(lr)[0] - 1)) for lr in lrs]
-            _, new = ex.adapt_step(support_x, support_y, mask, class_mask, list(ps), rates)
+            _, new = ex.adapt_step(support_x, support_y, mask, class_mask, list(ps), rates,
+                                   start if ex.proximal else ())
             return (i + 1, *new)
 
         _, *params = tf.while_loop(lambda i, *ps: i < steps, body, (tf.constant(0), *params))

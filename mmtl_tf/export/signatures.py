@@ -7,6 +7,11 @@ support set padded to ``max_support = max_ways * max_shots`` rows with a sample 
 ``max_ways`` wide with a class mask, so a single static-shape graph serves every N-way K-shot
 task up to the maximum.
 
+Proximal models (``InnerLoop.proximal`` mu > 0, iMAML's term): the adaptation graphs also take
+the task's starting parameters as ``anchor_<param>`` (the head's only, for ``head_step``) and
+``InnerLoop.step`` descends the support loss plus mu/2 * ||params - anchor||^2; without the term
+they take no anchors.
+
 Batch norm: in non-transductive mode (the shipped models) a query is normalised with the support
 set's statistics, which ``support_stats`` computes at given parameters; ``predict`` then takes
 them as inputs. In transductive mode ``predict`` normalises a batch with its own statistics and
@@ -19,8 +24,6 @@ import dataclasses
 import re
 
 import tensorflow as tf
-
-from mmtl_tf.meta import inner_loop as il
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Exportable:
         self.params = [tf.convert_to_tensor(p) for p in learner.meta_params]
         self.bn_state = [tf.convert_to_tensor(v) for v in learner.encoder.non_trainable_variables]
         self.names, self.bn = param_names(learner), bn_names(learner)
+        self.proximal = float(self.loop.proximal)  # mu; > 0 adds the anchor inputs
 
     # ----- input signatures -------------------------------------------------------------------
     def image_spec(self, rows, name):
@@ -83,6 +87,14 @@ class Exportable:
         if self.spec.learned_inner_lr == "per_element":
             return [tf.TensorSpec(p.shape, tf.float32, "lr_" + n) for p, n in zip(self.params, self.names)]
         return [tf.TensorSpec([], tf.float32, "lr_" + n) for n in self.names]
+
+    def anchor_specs(self, head_only: bool = False):
+        """The proximal term's anchors, ``anchor_<param>`` (the head's only with ``head_only``);
+        none when the model has no proximal term."""
+        if not self.proximal:
+            return []
+        pairs = list(zip(self.params, self.names))[-2 if head_only else 0:]
+        return [tf.TensorSpec(p.shape, p.dtype, "anchor_" + n) for p, n in pairs]
 
     def initial_lrs(self, step: int = 0):
         """The learning rates of inner step ``step`` as the inner loop uses them
@@ -113,30 +125,38 @@ class Exportable:
             return [*state, self.loop.head_outputs(list(params), features)]
         return list(state)
 
-    def adapt_step(self, support_x, support_y, sample_mask, class_mask, params, lrs):
-        """One inner SGD step: (support loss before the step, updated params)."""
+    def adapt_step(self, support_x, support_y, sample_mask, class_mask, params, lrs,
+                   anchor=()):
+        """One inner SGD step: (support loss before the step, updated params). ``anchor``: the
+        task's starting params (``anchor_specs``), used by a proximal model only."""
         return self.loop.step(list(params), support_x, support_y, list(lrs), True,
-                              sample_mask, class_mask)
+                              sample_mask, class_mask, anchor=list(anchor) or None)
 
-    def head_step(self, support_x, support_y, sample_mask, class_mask, params, lrs):
-        """One inner step that updates only head_w, head_b (ANIL-style, for small devices)."""
-        head_only = il.InnerLoop(self.loop.encoder, self.loop.task, self.loop.head_init,
-                                 self.loop.transductive, (False,) * (len(self.params) - 2) + (True, True))
+    def head_step(self, support_x, support_y, sample_mask, class_mask, params, lrs,
+                  head_anchor=()):
+        """One inner step that updates only head_w, head_b (ANIL-style, for small devices).
+        ``head_anchor``: the starting (head_w, head_b) of a proximal model's term."""
+        head_only = dataclasses.replace(
+            self.loop, adapt_mask=(False,) * (len(self.params) - 2) + (True, True))
+        # The encoder's anchors are never read: the term covers the adapted parameters only.
+        anchor = [*list(params)[:-2], *head_anchor] if len(head_anchor) else None
         loss, new = head_only.step(list(params), support_x, support_y, list(lrs), True,
-                                   sample_mask, class_mask)
+                                   sample_mask, class_mask, anchor=anchor)
         return loss, new[-2:]
 
     def head_then_adapt_step(self, support_x, support_y, sample_mask, class_mask, params, lrs,
-                             next_lrs):
+                             next_lrs, anchor=()):
         """``head_step`` then ``adapt_step`` (rates ``next_lrs``) in one graph: a zero head's
         first step (see the device runtime) and the step after it run the encoder forward on
         the same encoder parameters, and the converted graph computes it once (canonicalise
         merges identical nodes). Returns (loss, (head_w, head_b) after the first step, loss
-        after it, params after both)."""
-        loss, head = self.head_step(support_x, support_y, sample_mask, class_mask, params, lrs)
+        after it, params after both). ``anchor`` as in ``adapt_step``."""
+        anchor = list(anchor)
+        loss, head = self.head_step(support_x, support_y, sample_mask, class_mask, params, lrs,
+                                    anchor[-2:])
         middle = [*list(params)[:-2], *head]
         next_loss, new = self.adapt_step(support_x, support_y, sample_mask, class_mask, middle,
-                                         next_lrs)
+                                         next_lrs, anchor)
         return loss, head, next_loss, new
 
     def init_head(self, support_x, support_y, sample_mask, params):

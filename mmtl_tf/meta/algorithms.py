@@ -47,8 +47,8 @@ class MetaConfig:
         (the initialisation theta; learned inner rates are not decayed); 0 is off.
       proximal: mu of iMAML's proximal inner-loop term: each inner step descends the support
         loss plus mu/2 * ||phi - phi_0||^2, phi_0 the fast weights the task started from, so
-        adapted weights stay near the initialisation; 0 is off. Training, evaluation and
-        ``MetaLearner.adapt`` use it; the exported adaptation graphs do not carry it yet.
+        adapted weights stay near the initialisation; 0 is off. Training, evaluation,
+        ``MetaLearner.adapt`` and classifier exports (anchor_<param> graph inputs) use it.
       family_weighting: with task families (``DataConfig.families``): "fixed" (alpha_k) or
         "recent_loss" (alpha_k times the family's recent post-adaptation loss, renormalised;
         see ``task_weighting``), whose moving average keeps ``family_loss_momentum``.

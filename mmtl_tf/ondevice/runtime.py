@@ -8,7 +8,9 @@ size bucket, start from the meta-initialisation with the head from ``init_head``
 ``adapt_step`` ``steps`` times, and (non-transductive models) compute the batch-norm statistics
 of the support set at the final parameters, with the support logits that give the final support
 loss. It keeps the step with the lowest support loss (``mmtl_tf.best_step``). The result is a
-``PersonalModel`` (``mmtl_tf.ondevice.personal``).
+``PersonalModel`` (``mmtl_tf.ondevice.personal``). A proximal export (manifest ``proximal`` mu
+> 0) gets the parameters the task starts from (after ``init_head``) as ``anchor_<param>`` at
+every step, as TensorFlow's ``adapt`` anchors its term at ``start``.
 """
 
 from __future__ import annotations
@@ -76,10 +78,12 @@ class ExportedModel:
         self.max_support = int(manifest["max_support"])
         self.default_steps = int(manifest["default_steps"])
         self.transductive = bool(manifest["transductive"])
+        self.proximal = float(manifest.get("proximal", 0.0))  # absent: exported before the term
         self.param_names = list(manifest["parameters"])
         self.bn_names = list(manifest["batch_norm_statistics"])
         self.meta_init_sha256 = manifest["meta_init_sha256"]
         self.params, self.bn_stats, self.lrs = self._read_params(manifest["params_file"])
+        self._check_anchors()
         self._options = ort.SessionOptions()
         # The graphs take their weights as inputs, so onnxruntime's extended optimisations
         # (layout changes that pre-pack constant weights) cannot pay off and re-pack at every
@@ -107,6 +111,16 @@ class ExportedModel:
         pick = lambda names: {n: arrays[n].astype(np.float32) for n in names}
         return (pick(self.param_names), pick(self.bn_names),
                 {n: arrays["lr_" + n].astype(np.float32) for n in self.param_names})
+
+    def _check_anchors(self) -> None:
+        """Refuses a proximal manifest whose adaptation graphs lack the anchor inputs: fed
+        as extras they would be ignored, and the device would adapt without the term."""
+        for stem, graph in self.manifest["graphs"].items() if self.proximal else ():
+            inputs = {i["name"] for i in graph["inputs"]}
+            if "class_mask" in inputs and "anchor_head_w" not in inputs:  # an adaptation step
+                raise ExportError(f"{self.folder / MANIFEST} says proximal={self.proximal} but "
+                                  f"graph {stem} takes no anchor_<param> inputs; re-export the "
+                                  "model")
 
     # ----- graphs ---------------------------------------------------------------------------
     def graph(self, stem: str, rows: int | None = None) -> str:
@@ -198,7 +212,9 @@ class ExportedModel:
         heads = ["new_head_w", "new_head_b"] if "new_head_w" in outputs else ["head_w", "head_b"]
         params["head_w"], params["head_b"] = self.run(
             name, heads, {**self._support(name, x, y, len(class_names)), **params})
-        return self._adapt_loop(x, y, class_names, params, lrs, steps, head_only, keep_best)
+        anchor = {"anchor_" + n: v for n, v in params.items()} if self.proximal else {}
+        return self._adapt_loop(x, y, class_names, params, lrs, steps, head_only, keep_best,
+                                anchor)
 
     def adapt_folder(self, folder, **kwargs) -> PersonalModel:
         """``adapt`` on ``folder/<class name>/<images>``."""
@@ -215,12 +231,15 @@ class ExportedModel:
             return {"lr_" + n: np.asarray(v[rate_step(step, len(v))], np.float32) for n, v in lrs.items()}
         return {"lr_" + n: v for n, v in lrs.items()}
 
-    def _adapt_loop(self, x, y, class_names, params, lrs, steps, head_only, keep_best):
+    def _adapt_loop(self, x, y, class_names, params, lrs, steps, head_only, keep_best,
+                    anchor):
         """Chains the SGD steps, stopping at a non-finite support loss, and keeps the
         parameters ``best_step.kept_step`` picks. ``support_losses[k]`` is the support loss
-        after k steps; the last one comes from a forward pass at the final parameters."""
+        after k steps; the last one comes from a forward pass at the final parameters.
+        ``anchor``: the proximal term's feeds (``anchor_<param>``: the starting parameters),
+        empty without the term; they go with the support set into every step."""
         stem = "head_step" if head_only else "adapt_step"
-        support = self._support(self.graph(stem, len(y)), x, y, len(class_names))
+        support = {**self._support(self.graph(stem, len(y)), x, y, len(class_names)), **anchor}
         losses, kept = [], None
         for loss, at in self._chain(support, params, lrs, steps, head_only):
             bn = None
@@ -265,7 +284,7 @@ class ExportedModel:
         the step, the parameters it changed)] for each step taken."""
         rows = len(support["support_labels"])
         graph, changed = self.graph("adapt_step", rows), self.param_names
-        if head_only or not params["head_w"].any():
+        if head_only or (not params["head_w"].any() and self._encoder_at_anchor(support, params)):
             # A zero head passes a zero gradient to the encoder (d features = d logits @
             # head_w^T), so a full step leaves the encoder exactly as it is: the head-only
             # graph gives the same step for a fraction of the work (zero-head models' step 1),
@@ -276,6 +295,12 @@ class ExportedModel:
         feeds = {**support, **params, **self._step_lrs(lrs, step)}
         loss, *new = self.run(graph, ["loss"] + ["new_" + n for n in changed], feeds)
         return [(loss, dict(zip(changed, new)))]
+
+    def _encoder_at_anchor(self, support, params) -> bool:
+        """True unless the proximal term pulls the encoder: away from its anchor it moves even
+        under a zero head, so the head-only shortcut would not be the full step."""
+        return not self.proximal or all(
+            np.array_equal(params[n], support["anchor_" + n]) for n in self.param_names[:-2])
 
     def _head_then_adapt_step(self, support, params, lrs, step: int):
         rows = len(support["support_labels"])
