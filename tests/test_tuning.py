@@ -215,3 +215,18 @@ def test_bad_input_is_refused_in_one_line_before_anything_is_written(tmp_path, c
     assert exit_.value.code == 2 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and err.startswith(message), err
     assert not workdir.exists()
+
+
+def test_with_task_families_the_single_family_task_shape_is_neither_searched_nor_set():
+    from mmtl_tf.config import preset
+    from mmtl_tf.tuning import space as sp
+
+    families = preset("multitask")
+    _, space = sp.resolve(families, [], [])
+    assert {"data.ways", "data.shots"}.isdisjoint(space) and "meta.inner_lr" in space
+    _, single = sp.resolve(preset("tiny"), [], [])
+    assert {"data.ways", "data.shots"} <= set(single)
+    for args, flag in (([], ["data.ways=5,20"]), (["data.shots"], [])):
+        with pytest.raises(ValueError, match=r"^--(space|set) data\.(ways|shots): has no effect "
+                                             r"with task families .*; drop it$"):
+            sp.resolve(families, args, flag)

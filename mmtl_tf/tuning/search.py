@@ -163,13 +163,21 @@ def check_searchable(base: ExperimentConfig) -> None:
 def _setup(base, space, algorithm, steps_per_trial, seed) -> dict:
     t, target = base.train, target_setting(base)
     ways, shots = base.data.ways, base.data.shots
+    target_name, scored_on = f"{ways}-way {shots}-shot", (
+        f"{t.eval_episodes} fixed {ways}-way {shots}-shot episodes of the validation "
+        f"alphabets (seed {t.eval_seed}, {base.data.queries} queries per class); the "
+        "evaluation characters are never read")
+    if base.data.families:
+        target_name = "alpha-weighted family"
+        scored_on = (f"{t.eval_episodes} fixed episodes of each task family in its own setting, "
+                     f"on its held-out validation classes (seed {t.eval_seed}), the score being "
+                     "the alpha-weighted mean of the families' accuracies (CI in quadrature); "
+                     "no family's test classes are read")
     return json.loads(json.dumps({
         "preset": base.name, "config": base.to_dict(), "space": sp.describe(space),
         "algorithm": algorithm, "steps_per_trial": steps_per_trial, "seed": seed,
-        "target": target, "target_name": f"{ways}-way {shots}-shot", "protocol": protocol_of(base),
-        "scored_on": f"{t.eval_episodes} fixed {ways}-way {shots}-shot episodes of the validation "
-                     f"alphabets (seed {t.eval_seed}, {base.data.queries} queries per class); the "
-                     "evaluation characters are never read"}))
+        "target": target, "target_name": target_name, "protocol": protocol_of(base),
+        "scored_on": scored_on}))
 
 
 def _check_setup(workdir: Path, setup: dict, overwrite: bool) -> None:

@@ -27,6 +27,10 @@ NOT_SEARCHABLE.update(dict.fromkeys(
     ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every",
      "train.early_stopping_patience"),
     "the search sets it on every trial (the trial's length is --steps-per-trial)"))
+# With task families each family sets its own task shape: these fields would change nothing.
+FAMILY_OWNED = ("data.ways", "data.shots", "data.rotations")
+NO_EFFECT = ("has no effect with task families (each family sets its own ways, shots and "
+             "rotations in data.families); drop it")
 
 
 def field_names(config: ExperimentConfig) -> list[str]:
@@ -117,7 +121,10 @@ def resolve(config: ExperimentConfig, fixed_by_set, narrowing) -> tuple[Experime
     """(base config, space): ``config`` already carries the ``--set`` overrides, whose names
     (``fixed_by_set``) leave the space; ``narrowing`` are the ``--space NAME=SPEC`` items. A
     fixed value from ``--space`` goes into the base config. Raises ValueError naming the item."""
-    space = {n: s for n, s in SEARCH_SPACE.items() if n not in set(fixed_by_set)}
+    owned = FAMILY_OWNED if config.data.families else ()
+    if clash := sorted(set(fixed_by_set) & set(owned)):
+        raise ValueError(f"--set {clash[0]}: {NO_EFFECT}")
+    space = {n: s for n, s in SEARCH_SPACE.items() if n not in set(fixed_by_set) | set(owned)}
     for item in narrowing:
         name, sep, text = item.partition("=")
         name = name.strip()
@@ -127,6 +134,8 @@ def resolve(config: ExperimentConfig, fixed_by_set, narrowing) -> tuple[Experime
         check_name(name, config, "--space")
         if name in NOT_SEARCHABLE:
             raise ValueError(f"--space {name}: cannot be searched: {NOT_SEARCHABLE[name]}")
+        if name in owned:
+            raise ValueError(f"--space {name}: {NO_EFFECT}")
         if name in fixed_by_set:
             raise ValueError(f"--space {name}: --set already fixes it; give one of the two")
         spec = parse_spec(name, text.strip(), config, SEARCH_SPACE.get(name))
