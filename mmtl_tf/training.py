@@ -202,9 +202,9 @@ def train(config: ExperimentConfig, workdir, overwrite: bool = False, strategy=N
     signals = StopSignals()
     run = RunFolder(workdir, t.steps, t.checkpoint_every, t.eval_every if validation else 0,
                     t.early_stopping_patience,
-                    lambda: _validate(learner, validation, also, families, weights), signals, config.meta.inner_lr,
-                    state, prepare=lambda: calibrate_batch_norm(learner, train_sampler,
-                                                                config.data.seed),
+                    lambda: _validate(learner, validation, also, families, weights), signals,
+                    config.meta.inner_lr, state,
+                    prepare=lambda: calibrate_batch_norm(learner, train_sampler, config.data.seed),
                     config=config.to_dict(), monitor=monitor_of(config))
     if step % t.log_every:
         run.period_sums = [v.numpy() for v in learner.metrics_variables]
