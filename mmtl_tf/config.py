@@ -129,7 +129,11 @@ class DataConfig:
       rotations: rotated characters (90, 180, 270 degrees) as extra classes of meta-training;
         None means the protocol's default (vinyals: on). Validation and test episodes always
         follow the protocol (background: never rotated), so the test stays the published one.
-      seed: fixes the training episode stream.
+      jitter: strength j >= 0 of a random affine distortion of every meta-training image
+        (rotation up to +-15j degrees, scale 1 +- 0.15j, shear +- 0.15j, shift +- 2j pixels;
+        j = 1 is light jitter); 0 (default) leaves images as they are. Validation and test
+        images are never distorted.
+      seed: fixes the training episode stream (and the jitter).
       families: meta-multi-task learning: the task families meta-trained together (see
         FamilyConfig); empty (the default) trains on the single family above. With families,
         meta-training episodes come from them only; validation scores each family
@@ -152,6 +156,7 @@ class DataConfig:
     ink_as_one: bool = True
     within_alphabet: bool = False
     rotations: bool | None = None
+    jitter: float = 0.0
     seed: int = 0
     data_dir: str | None = None
     source_dir: str | None = None
@@ -167,6 +172,12 @@ class DataConfig:
         if self.family_mix not in FAMILY_MIXES:
             raise ValueError(f"data.family_mix={self.family_mix!r} is unknown; choose one of "
                              f"{FAMILY_MIXES}")
+        if not (self.jitter >= 0 and math.isfinite(self.jitter)):
+            raise ValueError(f"data.jitter={self.jitter!r} must be a finite number >= 0 (0: off, "
+                             "1: light affine jitter)")
+        if self.jitter and (families or self.family != "omniglot"):
+            raise ValueError(f"data.jitter={self.jitter} distorts the images of a single Omniglot "
+                             "family; task families and the sinusoid take none: drop it")
         if not families:
             return
         if self.family != "omniglot":

@@ -83,7 +83,8 @@ def episode_sampler(config: ExperimentConfig, part: str):
         classes, rotations = omniglot_split(d.protocol, part, prep, d.data_dir, d.source_dir)
         if part == "train" and d.rotations is not None:  # scored parts follow the protocol
             rotations = d.rotations
-    return EpisodeSampler(classes, d.ways, d.shots, d.queries, d.within_alphabet, rotations)
+    return EpisodeSampler(classes, d.ways, d.shots, d.queries, d.within_alphabet, rotations,
+                          d.jitter if part == "train" else 0.0)
 
 
 def _family_sampler(config: ExperimentConfig, part: str, first=None):

@@ -14,8 +14,10 @@ import numpy as np
 import tensorflow as tf
 
 from mmtl_tf.data.class_images import ClassImages
+from mmtl_tf.data.jitter import random_affine
 
 ROTATIONS = 4  # 0, 90, 180 and 270 degrees: each rotation of a character is a class of its own
+JITTER_STREAM = 7919  # folded into an episode's seed for its jitter
 
 
 class Episode(typing.NamedTuple):
@@ -94,14 +96,17 @@ class EpisodeSampler:
       ways, shots, queries: N, K and Q (queries per class).
       within_group: all N classes of an episode come from one group (Omniglot: one alphabet).
       rotations: every class also appears rotated by 90, 180 and 270 degrees as 3 new classes.
+      jitter: strength of a random affine distortion of every image (``mmtl_tf.data.jitter``;
+        0: none), drawn from the episode's seed.
     """
 
     def __init__(self, classes: ClassImages, ways: int, shots: int, queries: int,
-                 within_group: bool = False, rotations: bool = False):
+                 within_group: bool = False, rotations: bool = False, jitter: float = 0.0):
         check_episode_shape(classes, ways, shots, queries, within_group, rotations)
         self.classes = classes  # the classes episodes are drawn from (before rotations)
         self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
         self.within_group, self.rotations = bool(within_group), bool(rotations)
+        self.jitter = float(jitter)
         repeat = ROTATIONS if rotations else 1
         self._images = tf.constant(classes.images)
         self._offsets = tf.constant(np.repeat(classes.offsets, repeat))
@@ -119,7 +124,14 @@ class EpisodeSampler:
 
     def sample(self, seed, block: int) -> Episode:
         """``block`` episodes with a leading task axis; ``seed`` is a shape-(2,) int tensor."""
-        return self.gather(self.sample_indices(seed, block))
+        episode = self.gather(self.sample_indices(seed, block))
+        if not self.jitter:
+            return episode
+        # a stream of its own: the episodes' classes and images stay those of the seed
+        seeds = tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), JITTER_STREAM), 2)
+        return episode._replace(support_x=random_affine(episode.support_x, seeds[0], self.jitter),
+                                query_x=random_affine(episode.query_x, seeds[1], self.jitter))
 
     def sample_indices(self, seed, block: int) -> EpisodeIndices:
         """Where the images of ``sample(seed, block)`` lie in the image table (no pixels)."""
