@@ -114,6 +114,10 @@ def parse_family(text: str) -> FamilyConfig:
     return FamilyConfig(**values)
 
 
+# The task shape of a single-family run; with task families each family has its own.
+SINGLE_FAMILY_SHAPE = ("ways", "shots", "within_alphabet", "rotations")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where episodes come from.
@@ -183,6 +187,12 @@ class DataConfig:
         if self.family != "omniglot":
             raise ValueError(f"task families are image classification; data.family="
                              f"{self.family!r} takes none")
+        for name in SINGLE_FAMILY_SHAPE:  # each family sets its own: these would do nothing
+            default = DataConfig.__dataclass_fields__[name].default
+            if getattr(self, name) != default:
+                raise ValueError(f"data.{name}={getattr(self, name)!r} has no effect with task "
+                                 f"families (each family sets its own {name}); drop it or set "
+                                 f"data.{name}={default!r}")
         names = [f.name for f in families]
         if len(set(names)) < len(names):
             raise ValueError(f"family names must differ; got {names}")
@@ -476,5 +486,7 @@ def apply_overrides(config: ExperimentConfig, overrides) -> ExperimentConfig:
 
 
 def with_families(config: ExperimentConfig, families) -> ExperimentConfig:
-    """``config`` meta-training on ``families`` (FamilyConfig or dicts) instead of its own."""
-    return config.replace(data={"families": tuple(families)})
+    """``config`` meta-training on ``families`` (FamilyConfig or dicts) instead of its own
+    task shape (data.ways, shots, within_alphabet and rotations go back to their defaults)."""
+    shape = {name: DataConfig.__dataclass_fields__[name].default for name in SINGLE_FAMILY_SHAPE}
+    return config.replace(data={"families": tuple(families), **shape})

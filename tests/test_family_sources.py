@@ -172,3 +172,14 @@ def test_a_tfds_dataset_mixes_with_omniglot(omniglot_zips):
         assert np.isfinite(logs[name]), name
     np.testing.assert_allclose(logs["loss"], 0.25 * logs["chars_loss"] + 0.75 * logs["digits_loss"],
                                rtol=1e-5)
+
+
+def test_a_single_family_task_shape_beside_families_is_refused_and_with_families_resets_it():
+    config = with_families(preset("omniglot"), [parse_family("name=a,source=omniglot,ways=5")])
+    assert (config.data.ways, config.data.shots, config.data.rotations) == (5, 1, None)
+    with pytest.raises(ValueError, match=r"^data\.ways=20 has no effect with task families "
+                                         r"\(each family sets its own ways\); drop it or set "
+                                         r"data\.ways=5$"):
+        config.replace(data={"ways": 20})
+    with pytest.raises(ValueError, match=r"^data\.rotations=True has no effect"):
+        config.replace(data={"rotations": True})

@@ -228,5 +228,5 @@ def test_with_task_families_the_single_family_task_shape_is_neither_searched_nor
     assert {"data.ways", "data.shots"} <= set(single)
     for args, flag in (([], ["data.ways=5,20"]), (["data.shots"], [])):
         with pytest.raises(ValueError, match=r"^--(space|set) data\.(ways|shots): has no effect "
-                                             r"with task families .*; drop it$"):
+                                             r"with task families \(.*\); drop it$"):
             sp.resolve(families, args, flag)

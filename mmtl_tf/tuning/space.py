@@ -13,7 +13,8 @@ import dataclasses
 import difflib
 import json
 
-from mmtl_tf.config import SEARCH_SPACE, SECTIONS, Choice, ExperimentConfig, Range
+from mmtl_tf.config import (SEARCH_SPACE, SECTIONS, SINGLE_FAMILY_SHAPE, Choice, ExperimentConfig,
+                            Range)
 
 SCALES = ("linear", "log")
 # Fields no trial may change, and why: the first define the episodes every trial is scored on
@@ -28,9 +29,9 @@ NOT_SEARCHABLE.update(dict.fromkeys(
      "train.early_stopping_patience"),
     "the search sets it on every trial (the trial's length is --steps-per-trial)"))
 # With task families each family sets its own task shape: these fields would change nothing.
-FAMILY_OWNED = ("data.ways", "data.shots", "data.rotations")
-NO_EFFECT = ("has no effect with task families (each family sets its own ways, shots and "
-             "rotations in data.families); drop it")
+FAMILY_OWNED = tuple(f"data.{name}" for name in SINGLE_FAMILY_SHAPE)
+NO_EFFECT = ("has no effect with task families (each family sets its own task shape in "
+             "data.families); drop it")
 
 
 def field_names(config: ExperimentConfig) -> list[str]:
