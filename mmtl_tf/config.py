@@ -118,6 +118,11 @@ def parse_family(text: str) -> FamilyConfig:
 SINGLE_FAMILY_SHAPE = ("ways", "shots", "within_alphabet", "rotations")
 
 
+def single_family_defaults() -> dict:
+    """{field: DataConfig's default} of SINGLE_FAMILY_SHAPE: what a run with families holds."""
+    return {name: DataConfig.__dataclass_fields__[name].default for name in SINGLE_FAMILY_SHAPE}
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where episodes come from.
@@ -187,8 +192,7 @@ class DataConfig:
         if self.family != "omniglot":
             raise ValueError(f"task families are image classification; data.family="
                              f"{self.family!r} takes none")
-        for name in SINGLE_FAMILY_SHAPE:  # each family sets its own: these would do nothing
-            default = DataConfig.__dataclass_fields__[name].default
+        for name, default in single_family_defaults().items():  # each family sets its own
             if getattr(self, name) != default:
                 raise ValueError(f"data.{name}={getattr(self, name)!r} has no effect with task "
                                  f"families (each family sets its own {name}); drop it or set "
@@ -488,5 +492,4 @@ def apply_overrides(config: ExperimentConfig, overrides) -> ExperimentConfig:
 def with_families(config: ExperimentConfig, families) -> ExperimentConfig:
     """``config`` meta-training on ``families`` (FamilyConfig or dicts) instead of its own
     task shape (data.ways, shots, within_alphabet and rotations go back to their defaults)."""
-    shape = {name: DataConfig.__dataclass_fields__[name].default for name in SINGLE_FAMILY_SHAPE}
-    return config.replace(data={"families": tuple(families), **shape})
+    return config.replace(data={"families": tuple(families), **single_family_defaults()})
