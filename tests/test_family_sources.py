@@ -176,7 +176,8 @@ def test_a_tfds_dataset_mixes_with_omniglot(omniglot_zips):
 
 def test_a_single_family_task_shape_beside_families_is_refused_and_with_families_resets_it():
     config = with_families(preset("omniglot"), [parse_family("name=a,source=omniglot,ways=5")])
-    assert (config.data.ways, config.data.shots, config.data.rotations) == (5, 1, None)
+    assert (config.data.ways, config.data.shots, config.data.rotations, config.data.jitter) == \
+        (5, 1, None, 0.0), "the flagship's 40-way jittered shape gives way to the families'"
     with pytest.raises(ValueError, match=r"^data\.ways=20 has no effect with task families "
                                          r"\(each family sets its own ways\); drop it or set "
                                          r"data\.ways=5$"):

@@ -11,14 +11,16 @@ from mmtl_tf.config import preset
 from mmtl_tf.run_callbacks import read_history
 
 
-def test_the_flagship_is_a_way_agnostic_proto_maml_of_20_way_tasks_validated_on_5w1s_too():
+def test_the_flagship_is_a_way_agnostic_first_order_proto_maml_of_jittered_40_way_tasks():
     config = preset("omniglot")
     assert (config.meta.head_init, config.meta.transductive) == ("proto", False)
     assert config.meta.eval_inner_steps == 0, "adaptation: the prototype head, chosen on validation"
-    assert (config.data.ways, config.data.shots, config.data.rotations) == (20, 1, True)
+    assert (config.data.ways, config.data.shots, config.data.rotations) == (40, 1, True)
+    assert config.meta.max_ways == 40 and config.data.jitter == 1.0
     assert config.data.protocol == "background" and not (config.data.train_split or config.data.eval_split)
-    assert 0 < config.meta.first_order_until < config.train.steps  # both orders are used
-    assert config.train.lr_schedule == "cosine" and config.train.also_validate == ("5w1s",)
+    assert not config.meta.first_order and config.meta.first_order_until > config.train.steps, \
+        "first order throughout, said by first_order_until beyond the run"
+    assert config.train.lr_schedule == "cosine" and config.train.also_validate == ("5w1s", "20w1s")
 
 
 def test_rotated_classes_are_drawn_in_meta_training_only(omniglot_zips):
@@ -45,9 +47,10 @@ def test_the_flagship_preset_trains_validates_and_resumes_on_a_tiny_budget(omnig
     assert [r["step"] for r in rows] == [2, 4]
     for row in rows:  # validation of the training setting and of 5-way 1-shot at each period
         assert 0.0 <= row["val_5w1s_accuracy"] <= 1.0 and "val_accuracy" in row
-        assert row["pre_accuracy"] > 1 / 20, "a prototype head starts above chance"
+        assert row["pre_accuracy"] > 1 / 40, "a prototype head starts above chance"
     assert metrics["settings"]["5w1s"] == rows[-1]["val_5w1s_accuracy"]
-    assert metrics["ways"] == 20 and metrics["part"] == "validation"
+    assert metrics["settings"]["20w1s"] == rows[-1]["val_20w1s_accuracy"]
+    assert metrics["ways"] == 40 and metrics["part"] == "validation"
     # the same configuration resumes (here: finds the run finished) instead of starting over
     assert train(config, tmp_path / "run", verbose=0)["steps"] == 4
     with pytest.raises(ValueError, match="holds a run of another configuration"):
