@@ -89,3 +89,13 @@ def test_the_shipped_card_shows_the_attached_report_and_evaluate_py_gives_it_aga
         old = shipped[row["setting"]]
         assert abs(row["accuracy"] - old["accuracy"]) < 5e-4, row["setting"]
         assert abs(row["device"]["accuracy"] - old["device"]["accuracy"]) < 5e-4, row["setting"]
+
+
+def test_the_shipped_model_was_trained_by_the_preset_as_it_stands():
+    """MODEL_CARD.md's "one command" is `train.py --preset omniglot`: the shipped config.json is
+    that preset field for field (where the Omniglot zips lay on the machine aside)."""
+    shipped = json.loads((SHIPPED / "config.json").read_text())
+    expected = preset("omniglot").to_dict()
+    for config in (shipped, expected):
+        config["data"].pop("source_dir"), config["data"].pop("data_dir")
+    assert shipped == json.loads(json.dumps(expected))

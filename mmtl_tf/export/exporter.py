@@ -158,7 +158,7 @@ def rebuild_run(export_folder, workdir) -> Path:
     return workdir
 
 
-SUPPORT_BUCKETS = (5, 25)  # support rows of the smaller adaptation graphs (5-way 1-shot, 5x5)
+SUPPORT_BUCKETS = (5, 25, 100)  # support rows of the smaller graphs (5-way 1-shot, 5x5, 20x5)
 BUCKET_GRAPHS = ("adapt_step", "head_step", "init_head", "support_stats", "head_then_adapt_step")
 
 
