@@ -99,3 +99,48 @@ def test_the_shipped_model_was_trained_by_the_preset_as_it_stands():
     for config in (shipped, expected):
         config["data"].pop("source_dir"), config["data"].pop("data_dir")
     assert shipped == json.loads(json.dumps(expected))
+
+
+def test_adapt_on_device_answers_the_reports_20_way_1_shot_episodes_as_the_runtime_did(
+        omniglot_zips, tmp_path, capsys):
+    """The card's 20-way 1-shot row, as a user meets it: the first report episodes (test
+    characters, seed 2024) written as PNG folders and answered by pipelines/adapt_on_device.py
+    with its defaults give, query for query, the device runtime's answers on the report's
+    float images (8-bit PNGs may flip a near-tie: at most one query in a hundred)."""
+    import importlib.util
+
+    from PIL import Image
+
+    from mmtl_tf import ondevice
+    from mmtl_tf.data.episode_files import fixed_episodes
+    from mmtl_tf.evaluation import device_accuracies
+    from mmtl_tf.training import episode_sampler
+
+    config = preset("omniglot").replace(data={"ways": 20, "shots": 1, "queries": 5})
+    episodes = fixed_episodes(tmp_path / "e.npz", episode_sampler(config, "test"), 2024, 600)
+    first = type(episodes)(*(np.asarray(f)[:6] for f in episodes))
+    spec = importlib.util.spec_from_file_location(
+        "adapt_on_device", SHIPPED.parents[1] / "pipelines" / "adapt_on_device.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+
+    def png(image, path):  # ink 1.0 -> black on white, as a user's scan
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(255 * (1 - image[..., 0])).astype(np.uint8)).save(path)
+
+    answered = []
+    for e in range(6):
+        folder = tmp_path / f"task{e}"
+        for i, (image, label) in enumerate(zip(first.support_x[e], first.support_y[e])):
+            png(image, folder / "support" / f"class{label:02d}" / f"{i}.png")
+        for i, image in enumerate(first.query_x[e]):
+            png(image, folder / "query" / f"q{i:03d}.png")
+        assert cli.main(["--model", str(SHIPPED), "--support", str(folder / "support"),
+                         "--query", str(folder / "query"), "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["steps"] == 0 and len(result["classes"]) == 20
+        predicted = [int(result["predictions"][f"q{i:03d}.png"][5:]) for i in range(100)]
+        answered.append(np.mean(np.asarray(predicted) == first.query_y[e]))
+    runtime = device_accuracies(ondevice.load(SHIPPED), first, steps=0)
+    np.testing.assert_allclose(answered, runtime, atol=0.0101)
+    assert np.mean(answered) > 0.85, "the card's 93.3% on 600 episodes; these are six of them"
