@@ -377,8 +377,8 @@ PRESETS = {
     # queries are normalised by the support set's statistics (a device predicts one image at a
     # time). Validated on 40-way 1-shot (selection), 5-way and 20-way 1-shot episodes of the
     # held-out background alphabets. Adaptation applies 0 steps (the prototype head): at 1 shot
-    # the support loss is ~1e-4 from the first 100 meta-steps, so the step has nothing to do,
-    # and at 5 shots steps lowered validation accuracy (exported/omniglot/MODEL_CARD.md).
+    # the support loss is 1e-3 or less (~5e-5 within the first 100 meta-steps), so the step
+    # changes nothing, and at 5 shots steps lowered validation accuracy (its MODEL_CARD.md).
     "omniglot": ExperimentConfig(
         "omniglot", data=DataConfig(ways=40, shots=1, queries=5, rotations=True, jitter=1.0),
         meta=MetaConfig(inner_steps=1, eval_inner_steps=0, inner_lr=0.1, head_init="proto",
