@@ -495,5 +495,5 @@ def apply_overrides(config: ExperimentConfig, overrides) -> ExperimentConfig:
 
 def with_families(config: ExperimentConfig, families) -> ExperimentConfig:
     """``config`` meta-training on ``families`` (FamilyConfig or dicts) instead of its own
-    task shape (data.ways, shots, within_alphabet and rotations go back to their defaults)."""
+    task shape (the SINGLE_FAMILY_SHAPE fields, jitter included, go back to their defaults)."""
     return config.replace(data={"families": tuple(families), **single_family_defaults()})
